@@ -1,0 +1,45 @@
+"Repository mechanics: nbdev_clean keeps the papermill tag, notebooks are clean, README is generated."
+import json, shutil, subprocess, sys
+from pathlib import Path
+import nbformat
+
+BIN = Path(sys.executable).parent
+
+def _nb_with_parameters_cell():
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("epochs = 1\nseed = 0", metadata={'tags': ['parameters'], 'scrolled': True,
+                                                                          'execution': {'iopub.status.busy': 'x'}})
+    params.execution_count = 7
+    nb.cells = [nbformat.v4.new_code_cell("#| default_exp tmp"), params]
+    nb.metadata = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'},
+                   'widgets': {'state': {}}}
+    return nb
+
+def test_nbdev_clean_keeps_parameters_tag(repo_root, tmp_path):
+    "The papermill `parameters` tag survives nbdev_clean; other cell metadata and execution counts are removed."
+    proj = tmp_path/'proj'; (proj/'nbs').mkdir(parents=True)
+    shutil.copy(repo_root/'settings.ini', proj/'settings.ini')
+    nb_path = proj/'nbs'/'x.ipynb'
+    nbformat.write(_nb_with_parameters_cell(), nb_path)
+    subprocess.run([str(BIN/'nbdev_clean'), '--fname', str(nb_path)], cwd=proj, check=True)
+    cell = json.loads(nb_path.read_text())['cells'][1]
+    assert cell['metadata'] == {'tags': ['parameters']}
+    assert cell['execution_count'] is None
+
+def test_committed_notebooks_are_clean(repo_root, tmp_path):
+    "Every notebook in nbs/ is already in nbdev_clean form (so diffs stay readable)."
+    dirty = []
+    for nb in sorted((repo_root/'nbs').glob('*.ipynb')):
+        copy = tmp_path/nb.name
+        shutil.copy(nb, copy)
+        subprocess.run([str(BIN/'nbdev_clean'), '--fname', str(copy)], cwd=repo_root, check=True)
+        if copy.read_text() != nb.read_text(): dirty.append(nb.name)
+    assert not dirty, f"run nbdev_clean on: {dirty}"
+
+def test_readme_is_generated_from_index(repo_root):
+    "README.md is exactly what tools/make_readme.py renders from nbs/index.ipynb."
+    r = subprocess.run([sys.executable, 'tools/make_readme.py', 'nbs/index.ipynb', 'README.md', '--check'],
+                       cwd=repo_root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = (repo_root/'README.md').read_text()
+    assert 'make demo' in text and 'make test' in text
