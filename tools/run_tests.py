@@ -17,7 +17,8 @@ def notebooks():
 
 def run_notebook(nb):
     t0 = time.time()
-    r = subprocess.run([str(BIN/'nbdev_test'), '--path', str(nb)], cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}   # two notebooks share the two cores
+    r = subprocess.run([str(BIN/'nbdev_test'), '--path', str(nb)], cwd=ROOT, capture_output=True, text=True, env=env)
     return nb, r.returncode == 0, time.time() - t0, (r.stdout + r.stderr)
 
 def main(pytest_args):

@@ -1,0 +1,103 @@
+"The main job end to end: continual runs on generated and real images, resume, isolation, the slow stage, the CLI."
+import json, subprocess, sys
+from pathlib import Path
+import pytest, torch
+from moleflow.config import MoLEConfig
+from moleflow.trainer import run_continual, RunError, ContinualTrainer
+
+def tiny_cfg(cache_dir, **kw):
+    "Random-weight ResNet-18 features on 64-pixel images: fast, and enough to test the mechanics."
+    base = dict(backbone='resnet18', backbone_weights=None, feature_dim=32, image_size=64, crop_size=64,
+                num_coupling_layers=2, subnet_hidden=32, lora_rank=4, lora_alpha=4.0, epochs=2, batch_size=4,
+                cache_dir=cache_dir)
+    return MoLEConfig(**{**base, **kw})
+
+TASKS = [['fabric'], ['wood'], ['screw']]
+
+def test_resume_reaches_the_uninterrupted_result(generated_root, cache_dir, tmp_path):
+    cfg = tiny_cfg(cache_dir)
+    full = run_continual(cfg, generated_root, TASKS, tmp_path/'full', progress=False)
+    def kill_after_task_1(t):
+        if t == 1: raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_continual(cfg, generated_root, TASKS, tmp_path/'killed', progress=False, on_task_end=kill_after_task_1)
+    assert not (tmp_path/'killed'/'metrics.json').exists()
+    assert sorted(p.name for p in (tmp_path/'killed'/'checkpoints').iterdir()) == ['task_00.pt', 'task_01.pt']
+    resumed = run_continual(None, None, None, tmp_path/'killed', resume=True, progress=False)
+    assert resumed['final'] == full['final'] and resumed['matrix'] == full['matrix']
+    a = torch.load(tmp_path/'full'/'checkpoints'/'task_02.pt', weights_only=False)['trainer']['flow']
+    b = torch.load(tmp_path/'killed'/'checkpoints'/'task_02.pt', weights_only=False)['trainer']['flow']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+def test_run_folder_contents_and_zero_forgetting(generated_root, cache_dir, tmp_path):
+    m = run_continual(tiny_cfg(cache_dir), generated_root, TASKS, tmp_path/'run', progress=False)
+    run = tmp_path/'run'
+    for name in ('config.json', 'metrics.json', 'train.log', 'run.json'): assert (run/name).is_file(), name
+    saved = json.loads((run/'metrics.json').read_text())
+    assert set(saved) >= {'tasks', 'final', 'mean', 'matrix', 'forgetting', 'bwt', 'timing', 'params'}
+    assert set(saved['mean']) == {'image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max', 'routing_acc'}
+    figs = {p.name for p in (run/'figures').iterdir()}
+    assert {'R_pixel_auroc.png', 'loss_curves.png', 'anomaly_maps_task0.png', 'anomaly_maps_task2.png'} <= figs
+    # with the oracle (or perfect routing) the R matrix columns are constant: nothing a later task does changes an earlier one
+    oracle = run_continual(tiny_cfg(cache_dir, router='oracle'), generated_root, TASKS, tmp_path/'oracle', progress=False)
+    for k in ('pixel_auroc', 'pixel_ap', 'aupro'):
+        R = oracle['matrix'][k]
+        for j in range(3): assert len({R[i][j] for i in range(j, 3)}) == 1, (k, j, R)
+        assert oracle['forgetting'][k] == 0.0
+
+def test_slow_stage_breaks_zero_forgetting(generated_root, cache_dir, tmp_path):
+    cfg = tiny_cfg(cache_dir, router='oracle', slow_stage_fraction=0.5, epochs=2, lr=1e-2)
+    m = run_continual(cfg, generated_root, TASKS[:2], tmp_path/'slow', progress=False)
+    assert m['matrix']['pixel_ap'][0][0] != m['matrix']['pixel_ap'][1][0]   # task 0's numbers moved
+
+def test_refuses_to_overwrite_and_bad_requests_write_nothing(generated_root, cache_dir, tmp_path):
+    cfg = tiny_cfg(cache_dir, epochs=1)
+    run_continual(cfg, generated_root, TASKS[:1], tmp_path/'run', progress=False)
+    before = (tmp_path/'run'/'metrics.json').read_bytes()
+    with pytest.raises(RunError, match='--overwrite'): run_continual(cfg, generated_root, TASKS[:1], tmp_path/'run', progress=False)
+    assert (tmp_path/'run'/'metrics.json').read_bytes() == before
+    with pytest.raises(RunError, match='unknown task class'): run_continual(cfg, generated_root, [['carpet']], tmp_path/'x', progress=False)
+    with pytest.raises(RunError, match='no checkpoint'): run_continual(cfg, generated_root, TASKS, tmp_path/'y', resume=True, progress=False)
+    empty = tmp_path/'empty'; empty.mkdir()
+    with pytest.raises(RunError, match='holds no classes'): run_continual(cfg, empty, TASKS, tmp_path/'z', progress=False)
+    with pytest.raises(ValueError, match='backbone'):
+        run_continual(tiny_cfg(cache_dir, backbone='no_such_net'), generated_root, TASKS, tmp_path/'w', progress=False)
+    assert not any((tmp_path/n).exists() for n in 'xyzw')
+
+def _cli(*args, cwd=None):
+    return subprocess.run([str(Path(sys.executable).parent/'moleflow'), *args], capture_output=True, text=True, cwd=cwd)
+
+def test_cli_errors_are_one_line_and_exit_2(generated_root, tmp_path):
+    r = _cli('train', '--data-root', str(generated_root), '--tasks', 'fabric', 'carpet', '--out', str(tmp_path/'r'))
+    assert r.returncode == 2 and "unknown task class(es) ['carpet']" in r.stderr, r.stderr
+    bad = tmp_path/'bad.json'; bad.write_text('{"epochs": "ten"}')
+    r = _cli('train', '--data-root', str(generated_root), '--tasks', 'fabric', '--out', str(tmp_path/'r'), '--config', str(bad))
+    assert r.returncode == 2 and "'epochs' must be int" in r.stderr, r.stderr
+    r = _cli('train', '--data-root', str(generated_root), '--tasks', 'fabric', '--out', str(tmp_path/'r'), '--set', 'backbone=resnet_9000')
+    assert r.returncode == 2 and 'resnet_9000' in r.stderr, r.stderr
+    r = _cli('eval', '--run', str(tmp_path/'nothing'))
+    assert r.returncode == 2 and 'no checkpoint' in r.stderr, r.stderr
+    assert not (tmp_path/'r').exists()
+
+def test_cli_train_then_eval(generated_root, cache_dir, tmp_path):
+    args = ['--set', 'backbone=resnet18', '--set', 'backbone_weights=none', '--set', 'feature_dim=32', '--set', 'image_size=64',
+            '--set', 'crop_size=64', '--set', 'num_coupling_layers=2', '--set', 'subnet_hidden=32', '--set', 'epochs=1',
+            '--set', f'cache_dir={cache_dir}']
+    r = _cli('train', '--data-root', str(generated_root), '--tasks', 'fabric', 'wood+screw', '--out', str(tmp_path/'r'), *args)
+    assert r.returncode == 0, r.stderr
+    assert '| **mean** |' in r.stdout
+    m = json.loads((tmp_path/'r'/'metrics.json').read_text())
+    assert m['tasks'] == [['fabric'], ['wood', 'screw']] and set(m['final']) == {'fabric', 'wood', 'screw'}
+    r = _cli('eval', '--run', str(tmp_path/'r'))
+    assert r.returncode == 0, r.stderr
+    ev = json.loads((tmp_path/'r'/'eval_metrics.json').read_text())
+    for c in m['final']:
+        for k, v in m['final'][c].items(): assert ev['final'][c][k] == pytest.approx(v, abs=1e-6), (c, k)
+
+def test_real_mvtec_subset_routes_perfectly_and_never_forgets(mvtec_subset, cache_dir, tmp_path):
+    "The issue's real-data run at reduced epochs: routing accuracy 1.0 and zero forgetting."
+    cfg = MoLEConfig(epochs=3, cache_dir=cache_dir)
+    m = run_continual(cfg, mvtec_subset, [['hazelnut'], ['transistor'], ['leather']], tmp_path/'real', progress=False)
+    assert m['mean']['routing_acc'] == 1.0
+    for k in ('image_auroc', 'pixel_auroc', 'pixel_ap', 'aupro'): assert m['forgetting'][k] == 0.0, (k, m['matrix'][k])
+    assert m['mean']['pixel_auroc'] > 0.8
