@@ -51,3 +51,4 @@ lab: install
 
 bench: export
 	$(BIN)/python bench/bench_features.py
+-include docs.mk
