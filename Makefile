@@ -39,7 +39,7 @@ check-readme: install
 clean-nbs: install
 	$(BIN)/nbdev_clean
 
-test: export check-readme
+test: export check-readme docs-browser
 	$(BIN)/python tools/run_tests.py
 
 demo: export
