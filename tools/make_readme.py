@@ -24,6 +24,7 @@ def render(nb_path: Path) -> str:
     nb.cells = cells
     body, _ = MarkdownExporter().from_notebook_node(nb)
     body = re.sub(r'\n{3,}', '\n\n', body).strip() + '\n'
+    body = re.sub(r'\]\((?!https?://|/|#)([^)]+)\)', lambda m: f'](nbs/{m.group(1)})', body)   # links relative to nbs/
     return HEADER + body
 
 def main(argv):
