@@ -10,17 +10,29 @@ from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['CHOICES', 'PRESETS', 'MoLEConfig', 'get_preset', 'check_keys', 'parse_overrides', 'make_config', 'atomic_write_text',
-           'save_config', 'load_config']
+__all__ = ['CHOICES', 'ABLATIONS', 'PRESETS', 'VERSIONS', 'MoLEConfig', 'get_preset', 'check_keys', 'parse_overrides',
+           'make_config', 'atomic_write_text', 'save_config', 'load_config']
 
 # %% ../nbs/08_config.ipynb #50df296c
 CHOICES = dict(
-    subnet_type=('context', 'mlp'),
+    subnet_type=('context', 'mlp', 'cross_patch'),
+    cross_patch_context=('learned', 'fixed', 'none'),
     context_mode=('gate', 'alpha'),
     adapter=('whitening', 'film', 'instance_norm', 'none'),
     lora_scaling=('alpha/rank', 'alpha/(2*rank)'),
     router=('mahalanobis', 'euclidean', 'oracle'),
     score_aggregation=('max', 'mean', 'percentile', 'top_k', 'top_k_percent'),
+)
+
+ABLATIONS = dict(
+    no_lora='no LoRA experts at all: tasks > 0 train only their adapter (and DIA blocks)',
+    no_router="the true task id instead of the router: router='oracle'",
+    no_adapter="no per-task input adapter: adapter='none'",
+    no_pos_embed='no positional embedding: pos_embed=False',
+    no_spatial_context="no spatial mixer, no neighbourhood context in cross-patch subnets: spatial_mixer=False, cross_patch_context='none'",
+    no_scale_context="no context in the scale branch of the MoLE context subnet: subnet_type 'context' -> 'mlp'",
+    no_tail_loss='mean NLL instead of the tail-aware loss: tail_weight=0',
+    no_logdet_reg='no log-det regularisation: logdet_reg=0',
 )
 
 # %% ../nbs/08_config.ipynb #683fc693
@@ -37,7 +49,7 @@ class MoLEConfig:
     # the flow
     num_coupling_layers: int = 8
     subnet_hidden: int = 256
-    subnet_type: str = 'context'    # 'context' (MoLEContextSubnet) or 'mlp' (MoLESubnet)
+    subnet_type: str = 'context'    # 'context' (MoLEContextSubnet), 'mlp' (MoLESubnet) or 'cross_patch' (CrossPatchSubnet, v4)
     context_mode: str = 'gate'      # context scaling: patch-wise 'gate' or global 'alpha'
     context_kernel: int = 3
     context_init_scale: float = 0.1
@@ -51,6 +63,14 @@ class MoLEConfig:
     lora_scaling: str = 'alpha/rank'
     lora_task_bias: bool = True
     task0_expert: bool = True       # False: the v1 behaviour, task 0 trains the base flow only
+    # design variants (notebook 01a)
+    cross_patch_context: str = 'learned'  # subnet_type='cross_patch': 'learned' extractor and gate (v4), 'fixed' k x k neighbour mean (v4.1), 'none'
+    cross_patch_gate: float = 0.3   # the fixed gate of 'fixed', the initial gate of 'learned'
+    lora_grid: int = 0              # G > 0: Spatial-Contextual LoRA, a G x G grid of experts per task (needs subnet_type='cross_patch')
+    patch_attention: bool = False   # shared single-head patch self-attention before the flow (v6)
+    attention_hidden: int = 64      # its query/key/value size
+    dia_blocks: int = 0             # > 0: each task's own affine coupling blocks after the shared flow
+    dia_hidden: int = 64
     # the loss (every term is a per-patch mean, in nats)
     tail_weight: float = 0.7        # w in (1-w)*mean(NLL) + w*mean(top-k NLL)
     tail_top_k_ratio: float = 0.02  # k = max(1, floor(H*W*ratio))
@@ -75,8 +95,28 @@ class MoLEConfig:
     score_param: float | None = 0.01  # q for 'percentile', k for 'top_k', fraction for 'top_k_percent'
     blur_sigma: float = 4.0
     eval_batch_size: int = 32
+    # ablation switches (ABLATIONS): each turns one component off, in any preset
+    no_lora: bool = False
+    no_router: bool = False
+    no_adapter: bool = False
+    no_pos_embed: bool = False
+    no_spatial_context: bool = False
+    no_scale_context: bool = False
+    no_tail_loss: bool = False
+    no_logdet_reg: bool = False
 
-    def __post_init__(self): self.validate()
+    def __post_init__(self): self.apply_ablations().validate()
+
+    def apply_ablations(self):
+        "Set the fields that the switched-on ablations turn off (idempotent; `no_lora` is read by `build_flow`)."
+        if self.no_router: self.router = 'oracle'
+        if self.no_adapter: self.adapter = 'none'
+        if self.no_pos_embed: self.pos_embed = False
+        if self.no_spatial_context: self.spatial_mixer, self.cross_patch_context = False, 'none'
+        if self.no_scale_context and self.subnet_type == 'context': self.subnet_type = 'mlp'
+        if self.no_tail_loss: self.tail_weight = 0.0
+        if self.no_logdet_reg: self.logdet_reg = 0.0
+        return self
 
     def validate(self):
         "Check every field's type and the choices; raise `ValueError` naming the field."
@@ -88,7 +128,7 @@ class MoLEConfig:
             if f.name in CHOICES and v not in CHOICES[f.name]:
                 raise ValueError(f"config field {f.name!r} must be one of {CHOICES[f.name]}, got {v!r}")
         for name in ('epochs', 'batch_size', 'num_coupling_layers', 'subnet_hidden', 'lora_rank', 'feature_dim',
-                     'image_size', 'crop_size', 'eval_batch_size'):
+                     'image_size', 'crop_size', 'eval_batch_size', 'attention_hidden', 'dia_hidden'):
             if getattr(self, name) < 1: raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
         if self.crop_size > self.image_size:
             raise ValueError(f"config field 'crop_size' ({self.crop_size}) must not exceed 'image_size' ({self.image_size})")
@@ -101,7 +141,23 @@ class MoLEConfig:
             if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.slow_stage_fraction < 1:
             raise ValueError(f"config field 'slow_stage_fraction' must be in [0, 1), got {self.slow_stage_fraction}")
+        self._validate_variants()
         return self
+
+    def _validate_variants(self):
+        for name in ('lora_grid', 'dia_blocks'):
+            if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.cross_patch_gate < 1:
+            raise ValueError(f"config field 'cross_patch_gate' must be in (0, 1), got {self.cross_patch_gate}")
+        if self.context_kernel < 1 or self.context_kernel % 2 == 0:
+            raise ValueError(f"config field 'context_kernel' must be a positive odd int, got {self.context_kernel}")
+        if self.subnet_type == 'cross_patch' and self.cross_patch_context != 'none' and self.context_kernel < 3:
+            raise ValueError(f"config field 'context_kernel' must be >= 3 for a cross-patch neighbourhood, got {self.context_kernel}")
+        if self.lora_grid and self.subnet_type != 'cross_patch':
+            raise ValueError(f"config field 'lora_grid' > 0 needs subnet_type='cross_patch', got subnet_type={self.subnet_type!r}")
+        if self.no_lora and self.adapter == 'none' and self.dia_blocks == 0:
+            raise ValueError("config: no_lora with adapter='none' and dia_blocks=0 leaves tasks > 0 nothing to train; "
+                             "keep an adapter or set dia_blocks > 0")
 
 # %% ../nbs/08_config.ipynb #ab1e4757
 def _type_ok(v, hint) -> bool:
@@ -119,12 +175,26 @@ def _type_name(hint) -> str:
     return ' or '.join('None' if t is type(None) else t.__name__ for t in (typing.get_args(hint) or (hint,)))
 
 # %% ../nbs/08_config.ipynb #308f271c
+_EARLY = dict(tail_weight=0.0, logdet_reg=0.0, score_aggregation='max', score_param=None)  # before main's loss and score
+_V1 = dict(_EARLY, subnet_type='mlp', adapter='instance_norm', task0_expert=False, lora_scaling='alpha/(2*rank)')
+_V2 = dict(_V1, task0_expert=True, lora_scaling='alpha/rank')
+_V3 = dict(_V2, adapter='film')
+_V4 = dict(_V3, subnet_type='cross_patch', cross_patch_context='learned', lora_grid=4, lora_rank=32, lora_alpha=32.0)
+_V41 = dict(_V4, cross_patch_context='fixed', cross_patch_gate=0.3)
+_V5 = dict(_V41, center_loss_weight=0.05)
+_V6 = dict(_V5, patch_attention=True)
+
 PRESETS: dict[str, dict] = {
     'main': {},
     'mean_only': dict(tail_weight=0.0),
     'fast': dict(epochs=2, num_coupling_layers=4, subnet_hidden=64, feature_dim=64, lora_rank=4, lora_alpha=4.0,
                  batch_size=8, image_size=128, crop_size=128),
+    'v1': _V1, 'v2': _V2, 'v3': _V3, 'v4': _V4, 'v4.1': _V41, 'v5': _V5, 'v6': _V6,
+    'v7': dict(_V6, focal_gamma=2.0),
+    'baseline_1.5': dict(_EARLY, subnet_type='context', context_mode='alpha', context_init_scale=0.1, context_max_alpha=0.2),
+    'baseline_2.0': dict(_EARLY, subnet_type='context', context_mode='gate'),
 }
+VERSIONS = ('v1', 'v2', 'v3', 'v4', 'v4.1', 'v5', 'v6', 'v7', 'baseline_1.5', 'baseline_2.0', 'main')
 
 def get_preset(name: str) -> dict:
     "A fresh copy of preset `name`'s overrides."

@@ -216,11 +216,12 @@ class MoLEFlow(nn.Module):
                  lora_scaling:str='alpha/rank', task_bias:bool=True, subnet:str='context', context_mode:str='gate',
                  context_kernel:int=3, context_init_scale:float=0.1, context_max_alpha:float=0.2, clamp:float=1.9,
                  adapter:str='whitening', pos_embed:bool=True, spatial_mixer:bool=False, task0_expert:bool=True,
-                 seed:int=0, global_affine_type:str='SOFTPLUS'):
+                 seed:int=0, global_affine_type:str='SOFTPLUS', lora:bool=True):
         super().__init__()
         if _check_pos_int('dim', dim) < 2: raise ValueError(f"dim must be an int >= 2, got {dim}")
         _check_pos_int('n_blocks', n_blocks); _check_pos_int('hidden', hidden)
-        if subnet not in _SUBNETS: raise ValueError(f"subnet must be one of {_SUBNETS}, got {subnet!r}")
+        if not callable(subnet) and subnet not in _SUBNETS:
+            raise ValueError(f"subnet must be one of {_SUBNETS} or a constructor (dims_in, dims_out) -> module, got {subnet!r}")
         if adapter not in _ADAPTERS: raise ValueError(f"adapter must be one of {_ADAPTERS}, got {adapter!r}")
         if global_affine_type not in _AFFINE_TYPES:
             raise ValueError(f"global_affine_type must be one of {_AFFINE_TYPES}, got {global_affine_type!r}")
@@ -230,10 +231,11 @@ class MoLEFlow(nn.Module):
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         _check_lora_args(rank, alpha, lora_scaling, 'lora_scaling')
         self.dim, self.seed, self.adapter_kind, self.task0_expert = dim, seed, adapter, task0_expert
-        self.subnet_kind, self.use_pos_embed = subnet, pos_embed
-        lora = dict(hidden=hidden, rank=rank, alpha=alpha, scaling=lora_scaling, task_bias=task_bias)
-        if subnet == 'mlp': make = partial(MoLESubnet, **lora)
-        else: make = partial(MoLEContextSubnet, **lora, mode=context_mode, kernel=context_kernel,
+        self.subnet_kind, self.use_pos_embed, self.lora = subnet, pos_embed, lora
+        lora_kw = dict(hidden=hidden, rank=rank, alpha=alpha, scaling=lora_scaling, task_bias=task_bias)
+        if callable(subnet): make = subnet
+        elif subnet == 'mlp': make = partial(MoLESubnet, **lora_kw)
+        else: make = partial(MoLEContextSubnet, **lora_kw, mode=context_mode, kernel=context_kernel,
                              init_scale=context_init_scale, max_alpha=context_max_alpha)
         perms = np.random.default_rng(_derive_seed(seed, 0))
         with _seeded(_derive_seed(seed, 1)):
@@ -260,12 +262,12 @@ class MoLEFlow(nn.Module):
         return None
 
     def add_task(self, task:int):
-        "Add `task`: a fresh expert in every LoRALinear (not for task 0 when task0_expert=False) and its adapter."
+        "Add `task`: a fresh expert in every LoRALinear (none with lora=False, nor for task 0 with task0_expert=False) and its adapter."
         _check_task(task)
         if task in self._tasks: raise ValueError(f"task {task} was already added")
         ref = self.blocks[0].global_scale
         gen = torch.Generator().manual_seed(_derive_seed(self.seed, 2, task))
-        if task != 0 or self.task0_expert:
+        if self.lora and (task != 0 or self.task0_expert):
             for m in self.lora_layers(): m.add_task(task, generator=gen)
         with _seeded(_derive_seed(self.seed, 3, task)):
             ad = self._make_adapter(task)

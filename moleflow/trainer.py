@@ -15,9 +15,10 @@ from .losses import patch_nll, tail_aware_loss, mean_nll, focal_nll, center_loss
 from .router import PrototypeRouter
 
 # %% auto #0
-__all__ = ['DATASETS', 'METRICS', 'flow_loss', 'lr_factor', 'NonFiniteLossError', 'ContinualTrainer', 'build_flow', 'train_task',
-           'nll_maps', 'route', 'trainer_state', 'load_trainer_state', 'RunError', 'ClassData', 'evaluate_seen',
-           'task_means', 'run_continual', 'summarize', 'markdown_table', 'write_figures', 'evaluate_run']
+__all__ = ['DATASETS', 'METRICS', 'flow_loss', 'lr_factor', 'NonFiniteLossError', 'ContinualTrainer', 'build_flow',
+           'context_record', 'train_task', 'nll_maps', 'route', 'trainer_state', 'load_trainer_state', 'RunError',
+           'ClassData', 'evaluate_seen', 'task_means', 'run_continual', 'summarize', 'markdown_table', 'write_figures',
+           'evaluate_run']
 
 # %% ../nbs/03_continual_trainer.ipynb #821373e8
 def flow_loss(z, logdet, cfg: MoLEConfig):
@@ -56,19 +57,37 @@ class ContinualTrainer:
         self.router = PrototypeRouter(metric='euclidean' if cfg.router == 'euclidean' else 'mahalanobis')
         self.num_tasks, self.history = 0, []   # history: one list of epoch records per task
 
-    def task_classes_ok(self, task):
+    def _check_task(self, task):
         if not (isinstance(task, int) and 0 <= task < self.num_tasks):
             raise ValueError(f"task must be an int in [0, {self.num_tasks}), got {task!r}")
 
+# %% ../nbs/03_continual_trainer.ipynb #f5b69522
+from .flow_variants import VariantFlow
+
 # %% ../nbs/03_continual_trainer.ipynb #853fe2c3
 def build_flow(cfg: MoLEConfig) -> MoLEFlow:
-    "The MoLE flow that `cfg` describes."
-    return MoLEFlow(cfg.feature_dim, n_blocks=cfg.num_coupling_layers, hidden=cfg.subnet_hidden, rank=cfg.lora_rank,
-                    alpha=cfg.lora_alpha, lora_scaling=cfg.lora_scaling, task_bias=cfg.lora_task_bias,
-                    subnet=cfg.subnet_type, context_mode=cfg.context_mode, context_kernel=cfg.context_kernel,
-                    context_init_scale=cfg.context_init_scale, context_max_alpha=cfg.context_max_alpha, clamp=cfg.clamp,
-                    adapter=cfg.adapter, pos_embed=cfg.pos_embed, spatial_mixer=cfg.spatial_mixer,
-                    task0_expert=cfg.task0_expert, seed=cfg.seed)
+    "The flow that `cfg` describes: a `MoLEFlow`, or a `VariantFlow` (notebook 01a) when a design variant is on."
+    kw = dict(n_blocks=cfg.num_coupling_layers, hidden=cfg.subnet_hidden, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+              lora_scaling=cfg.lora_scaling, task_bias=cfg.lora_task_bias, subnet=cfg.subnet_type,
+              context_mode=cfg.context_mode, context_kernel=cfg.context_kernel, context_init_scale=cfg.context_init_scale,
+              context_max_alpha=cfg.context_max_alpha, clamp=cfg.clamp, adapter=cfg.adapter, pos_embed=cfg.pos_embed,
+              spatial_mixer=cfg.spatial_mixer, task0_expert=cfg.task0_expert, seed=cfg.seed, lora=not cfg.no_lora)
+    if cfg.subnet_type == 'cross_patch' or cfg.lora_grid or cfg.patch_attention or cfg.dia_blocks:
+        return VariantFlow(cfg.feature_dim, cross_patch_context=cfg.cross_patch_context, cross_patch_gate=cfg.cross_patch_gate,
+                           lora_grid=cfg.lora_grid, patch_attention=cfg.patch_attention, attention_hidden=cfg.attention_hidden,
+                           dia_blocks=cfg.dia_blocks, dia_hidden=cfg.dia_hidden, **kw)
+    return MoLEFlow(cfg.feature_dim, **kw)
+
+def context_record(flow: MoLEFlow) -> dict:
+    "Context weights of the flow's last forward, for the epoch log: patch gates' mean/std/min/max averaged over subnets, or the global alphas."
+    ws = [b.subnet._last_weight for b in flow.blocks if getattr(b.subnet, '_last_weight', None) is not None]
+    gates, alphas = [w.float().flatten() for w in ws if w.numel() > 1], [float(w) for w in ws if w.numel() == 1]
+    rec = {}
+    if gates:
+        st = torch.stack([torch.stack([g.mean(), g.std(unbiased=False), g.min(), g.max()]) for g in gates]).mean(0)
+        rec.update(zip(('gate_mean', 'gate_std', 'gate_min', 'gate_max'), st.tolist()))
+    if alphas: rec.update(alpha=float(np.mean(alphas)), alpha_min=min(alphas), alpha_max=max(alphas))
+    return rec
 
 # %% ../nbs/03_continual_trainer.ipynb #1c972b93
 def _train_params(self: ContinualTrainer, t: int):
@@ -128,6 +147,7 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
         done = n_batches - nonfinite
         rec = {'epoch': epoch, **{k: v / max(1, done) for k, v in sums.items()}, 'nonfinite_batches': nonfinite,
                'batches': n_batches, 'lr': opt.param_groups[0]['lr'], 'seconds': time.time() - t0}
+        rec.update(context_record(self.flow))   # gate statistics (baseline 2.0) or global alphas (baseline 1.5) of the last batch
         records.append(rec)
         bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}", nonfinite=nonfinite)
         self.log.info(f"task {t} epoch {epoch}: " + ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in rec.items() if k != 'epoch'))
@@ -149,7 +169,7 @@ def nll_maps(self: ContinualTrainer, feats: torch.Tensor, tasks) -> torch.Tensor
     "Per-patch NLL `(N,H,W)` of features `feats (N,H,W,D)`, each image through the expert of its task in `tasks`."
     tasks = torch.as_tensor(tasks).long().reshape(-1)
     if len(tasks) != len(feats): raise ValueError(f"tasks must hold one task id per image ({len(feats)}), got {len(tasks)}")
-    for t in tasks.unique().tolist(): self.task_classes_ok(int(t))
+    for t in tasks.unique().tolist(): self._check_task(int(t))
     self.flow.eval()
     out = torch.empty(feats.shape[:3])
     bs = self.cfg.eval_batch_size
@@ -300,7 +320,7 @@ def _run_logger(out: Path):
 
 # %% ../nbs/03_continual_trainer.ipynb #c8056d01
 def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvtec', resume: bool = False,
-                  overwrite: bool = False, progress: bool = True, on_task_end=None) -> dict:
+                  overwrite: bool = False, progress: bool = True, figures: bool = True, on_task_end=None) -> dict:
     "Train `tasks` (lists of class names) one after another on `data_root`, evaluating after each; write the run to `out`."
     out = Path(out)
     last_ckpt = _check_run_dir(out, resume, overwrite)
@@ -350,7 +370,7 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
         if on_task_end is not None: on_task_end(t)
     metrics = summarize(rows, tasks, trainer, data, train_s, infer_ms)
     if maps is None: _, maps, _ = evaluate_seen(trainer, data, tasks, len(tasks) - 1, cfg)   # resumed after the last task
-    write_figures(out/'figures', metrics, trainer, data, maps, tasks)
+    if figures: write_figures(out/'figures', metrics, trainer, data, maps, tasks)
     atomic_write_text(out/'metrics.json', json.dumps(metrics, indent=2))
     log.info('metrics written')
     return metrics

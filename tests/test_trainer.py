@@ -16,14 +16,14 @@ TASKS = [['fabric'], ['wood'], ['screw']]
 
 def test_resume_reaches_the_uninterrupted_result(generated_root, cache_dir, tmp_path):
     cfg = tiny_cfg(cache_dir)
-    full = run_continual(cfg, generated_root, TASKS, tmp_path/'full', progress=False)
+    full = run_continual(cfg, generated_root, TASKS, tmp_path/'full', progress=False, figures=False)
     def kill_after_task_1(t):
         if t == 1: raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        run_continual(cfg, generated_root, TASKS, tmp_path/'killed', progress=False, on_task_end=kill_after_task_1)
+        run_continual(cfg, generated_root, TASKS, tmp_path/'killed', progress=False, figures=False, on_task_end=kill_after_task_1)
     assert not (tmp_path/'killed'/'metrics.json').exists()
     assert sorted(p.name for p in (tmp_path/'killed'/'checkpoints').iterdir()) == ['task_00.pt', 'task_01.pt']
-    resumed = run_continual(None, None, None, tmp_path/'killed', resume=True, progress=False)
+    resumed = run_continual(None, None, None, tmp_path/'killed', resume=True, progress=False, figures=False)
     assert resumed['final'] == full['final'] and resumed['matrix'] == full['matrix']
     a = torch.load(tmp_path/'full'/'checkpoints'/'task_02.pt', weights_only=False)['trainer']['flow']
     b = torch.load(tmp_path/'killed'/'checkpoints'/'task_02.pt', weights_only=False)['trainer']['flow']
@@ -39,7 +39,7 @@ def test_run_folder_contents_and_zero_forgetting(generated_root, cache_dir, tmp_
     figs = {p.name for p in (run/'figures').iterdir()}
     assert {'R_pixel_auroc.png', 'loss_curves.png', 'anomaly_maps_task0.png', 'anomaly_maps_task2.png'} <= figs
     # with the oracle (or perfect routing) the R matrix columns are constant: nothing a later task does changes an earlier one
-    oracle = run_continual(tiny_cfg(cache_dir, router='oracle'), generated_root, TASKS, tmp_path/'oracle', progress=False)
+    oracle = run_continual(tiny_cfg(cache_dir, router='oracle'), generated_root, TASKS, tmp_path/'oracle', progress=False, figures=False)
     for k in ('pixel_auroc', 'pixel_ap', 'aupro'):
         R = oracle['matrix'][k]
         for j in range(3): assert len({R[i][j] for i in range(j, 3)}) == 1, (k, j, R)
@@ -47,12 +47,12 @@ def test_run_folder_contents_and_zero_forgetting(generated_root, cache_dir, tmp_
 
 def test_slow_stage_breaks_zero_forgetting(generated_root, cache_dir, tmp_path):
     cfg = tiny_cfg(cache_dir, router='oracle', slow_stage_fraction=0.5, epochs=2, lr=1e-2)
-    m = run_continual(cfg, generated_root, TASKS[:2], tmp_path/'slow', progress=False)
+    m = run_continual(cfg, generated_root, TASKS[:2], tmp_path/'slow', progress=False, figures=False)
     assert m['matrix']['pixel_ap'][0][0] != m['matrix']['pixel_ap'][1][0]   # task 0's numbers moved
 
 def test_refuses_to_overwrite_and_bad_requests_write_nothing(generated_root, cache_dir, tmp_path):
     cfg = tiny_cfg(cache_dir, epochs=1)
-    run_continual(cfg, generated_root, TASKS[:1], tmp_path/'run', progress=False)
+    run_continual(cfg, generated_root, TASKS[:1], tmp_path/'run', progress=False, figures=False)
     before = (tmp_path/'run'/'metrics.json').read_bytes()
     with pytest.raises(RunError, match='--overwrite'): run_continual(cfg, generated_root, TASKS[:1], tmp_path/'run', progress=False)
     assert (tmp_path/'run'/'metrics.json').read_bytes() == before
@@ -97,7 +97,7 @@ def test_cli_train_then_eval(generated_root, cache_dir, tmp_path):
 def test_real_mvtec_subset_routes_perfectly_and_never_forgets(mvtec_subset, cache_dir, tmp_path):
     "The issue's real-data run at reduced epochs: routing accuracy 1.0 and zero forgetting."
     cfg = MoLEConfig(epochs=3, cache_dir=cache_dir)
-    m = run_continual(cfg, mvtec_subset, [['hazelnut'], ['transistor'], ['leather']], tmp_path/'real', progress=False)
+    m = run_continual(cfg, mvtec_subset, [['hazelnut'], ['transistor'], ['leather']], tmp_path/'real', progress=False, figures=False)
     assert m['mean']['routing_acc'] == 1.0
     for k in ('image_auroc', 'pixel_auroc', 'pixel_ap', 'aupro'): assert m['forgetting'][k] == 0.0, (k, m['matrix'][k])
     assert m['mean']['pixel_auroc'] > 0.8
