@@ -43,3 +43,16 @@ def test_readme_is_generated_from_index(repo_root):
     assert r.returncode == 0, r.stderr
     text = (repo_root/'README.md').read_text()
     assert 'make demo' in text and 'make test' in text
+
+def test_imports_sit_in_cells_of_their_own(repo_root):
+    "nbdev's docs build runs every cell holding an import on its own: such cells must not also use earlier names."
+    import re
+    imp = re.compile(r'^\s*(import |from \S+ import )')
+    mixed = []
+    for nb_path in sorted((repo_root/'nbs').rglob('*.ipynb')):
+        for i, cell in enumerate(nbformat.read(nb_path, as_version=4).cells):
+            if cell.cell_type != 'code' or re.search(r'^#\|\s*export', cell.source, re.M): continue
+            code = [l for l in cell.source.splitlines() if l.strip() and not l.startswith('#')]
+            imports = [l for l in code if imp.match(l)]
+            if imports and len(imports) < len(code): mixed.append(f"{nb_path.relative_to(repo_root)} cell {i}")
+    assert not mixed, "move the imports of these cells into a cell of their own: " + ', '.join(mixed)
