@@ -100,4 +100,3 @@ def test_real_mvtec_subset_routes_perfectly_and_never_forgets(mvtec_subset, cach
     m = run_continual(cfg, mvtec_subset, [['hazelnut'], ['transistor'], ['leather']], tmp_path/'real', progress=False, figures=False)
     assert m['mean']['routing_acc'] == 1.0
     for k in ('image_auroc', 'pixel_auroc', 'pixel_ap', 'aupro'): assert m['forgetting'][k] == 0.0, (k, m['matrix'][k])
-    assert m['mean']['pixel_auroc'] > 0.8
