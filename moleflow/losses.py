@@ -64,11 +64,13 @@ def tail_aware_loss(nll:Tensor, tail_weight:float=0.7, top_k_ratio:float=0.02) -
     return (1 - tail_weight) * flat.mean() + tail_weight * tail
 
 # %% ../nbs/02_losses.ipynb #cc304e50
-def focal_nll(nll:Tensor, gamma:float=2.0) -> Tensor:
-    "Mean of (1-p)^gamma·NLL with p = exp(-clamp(NLL, 0, 20)) detached: a re-weighted per-patch mean."
+def focal_nll(nll:Tensor, gamma:float=2.0, dim:int=1) -> Tensor:
+    "Mean of (1-p)^gamma·NLL with p = exp(-clamp(NLL/dim, 0, 20)) detached: a re-weighted per-patch mean."
     _check_rank(nll, 3, 'nll', '(B,H,W)')
     _check_weight(gamma, 'gamma')
-    p = torch.exp(-nll.detach().clamp(0, 20))
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim (the number of feature dimensions behind each NLL) must be an int >= 1, got {dim!r}")
+    p = torch.exp(-(nll.detach() / dim).clamp(0, 20))
     return ((1 - p).pow(gamma) * nll).mean()
 
 # %% ../nbs/02_losses.ipynb #27ee8b99

@@ -24,7 +24,7 @@ __all__ = ['DATASETS', 'METRICS', 'flow_loss', 'lr_factor', 'NonFiniteLossError'
 def flow_loss(z, logdet, cfg: MoLEConfig):
     "The training loss for latents `z (B,H,W,D)` and per-patch log-dets `(B,H,W)`, and its parts."
     nll = patch_nll(z, logdet)
-    if cfg.focal_gamma > 0: main = focal_nll(nll, gamma=cfg.focal_gamma)
+    if cfg.focal_gamma > 0: main = focal_nll(nll, gamma=cfg.focal_gamma, dim=z.shape[-1])
     elif cfg.tail_weight > 0: main = tail_aware_loss(nll, tail_weight=cfg.tail_weight, top_k_ratio=cfg.tail_top_k_ratio)
     else: main = mean_nll(nll)
     parts = {'nll': mean_nll(nll).detach(), 'main': main.detach()}

@@ -74,6 +74,26 @@ def test_focal_weight_is_detached_and_bounded():
     assert torch.isfinite(nll.grad).all() and nll.grad[0, 0, 0] == 0
 
 
+
+def test_focal_weight_uses_per_dimension_likelihood():
+    "At D=128 the per-patch p = exp(-NLL) underflows (focal = mean); the per-dimension p re-weights patches."
+    from moleflow.config import MoLEConfig
+    from moleflow.trainer import flow_loss
+    g = torch.Generator().manual_seed(1)
+    D = 128
+    z = torch.randn(2, 6, 6, D, generator=g, dtype=torch.float64)
+    z[0, 0, 0] *= 3                                                     # one far outlier
+    ld = torch.zeros(2, 6, 6, dtype=torch.float64)
+    nll = patch_nll(z, ld)
+    assert focal_nll(nll).item() == pytest.approx(mean_nll(nll).item(), rel=1e-7)   # p clamps at e^-20
+    p = torch.exp(-(nll / D).clamp(0, 20))
+    w = (1 - p) ** 2
+    assert focal_nll(nll, dim=D).item() == pytest.approx((w * nll).mean().item(), rel=1e-12)
+    assert w[0, 0, 0] > 0.95 and w.flatten()[1:].max() < 0.75          # the outlier keeps its weight, the rest fade
+    loss, parts = flow_loss(z, ld, MoLEConfig(focal_gamma=2.0, logdet_reg=0.0, center_loss_weight=0.0))
+    assert loss.item() == pytest.approx(focal_nll(nll, dim=D).item(), rel=1e-12)   # the trainer passes D
+    assert loss.item() < 0.7 * parts['nll'].item()
+
 @pytest.mark.parametrize('call,msg', [
     (lambda t: tail_aware_loss(t, 0.7, 0.0), 'top_k_ratio must be in (0, 1]'),
     (lambda t: tail_aware_loss(t, 0.7, 1.01), 'top_k_ratio must be in (0, 1]'),
@@ -81,6 +101,7 @@ def test_focal_weight_is_detached_and_bounded():
     (lambda t: tail_aware_loss(t, 1.2), 'tail_weight must be a number in [0, 1]'),
     (lambda t: tail_aware_loss(t[0]), 'nll must be a non-empty tensor of shape (B,H,W)'),
     (lambda t: focal_nll(t, gamma=-1.0), 'gamma must be a number in [0, inf]'),
+    (lambda t: focal_nll(t, dim=0), 'dim (the number of feature dimensions'),
     (lambda t: logdet_reg(t, -1e-4), 'weight must be a number in [0, inf]'),
     (lambda t: logdet_reg(t[0], 1.0), 'logdet must be a non-empty tensor of shape (B,H,W)'),
     (lambda t: center_loss(t), 'z must be a non-empty tensor of shape (B,H,W,D)'),
