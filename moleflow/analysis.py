@@ -505,25 +505,34 @@ def _model_path(study:Study, cfg:MoLEConfig) -> Path:
                            features=keys, torch=torch.__version__, code=_code_hash()), sort_keys=True)
     return study.cache.root.parent / 'analysis_models' / f'{hashlib.sha256(blob.encode()).hexdigest()}.pt'
 
+def _probe_path(path:Path, ratio:float) -> Path: return path.with_name(f'{path.stem}.probe{float(ratio)!r}.json')
+
+def _save_atomic(path:Path, save):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    save(tmp); os.replace(tmp, path)
+
 def train_model(study:Study, variant:str='tail_aware', seed:int=0, overrides:dict|None=None, probe_ratio:float|None=None,
                 use_cache:bool|None=None) -> Trained:
-    "Train `study`'s classes one task each with `ContinualTrainer`; reuse a cached model unless a probe is attached."
+    "Train `study`'s classes one task each with `ContinualTrainer`; reuse a cached model (and its probe record) when asked."
     cfg = study.config({**VARIANTS.get(variant, {}), **(overrides or {})}, seed)
     use_cache = study.reuse_models if use_cache is None else use_cache
     path = _model_path(study, cfg)
-    if use_cache and probe_ratio is None and path.is_file():
+    ppath = _probe_path(path, probe_ratio) if probe_ratio is not None else None
+    if use_cache and path.is_file() and (ppath is None or ppath.is_file()):
         tr = ContinualTrainer(cfg, progress=False).load_state_dict(torch.load(path, weights_only=False))
-        return Trained(variant, int(seed), tr, cached=True)
+        probe = None
+        if ppath is not None: probe = GradientProbe(tr.flow, probe_ratio); probe.steps = json.loads(ppath.read_text())
+        return Trained(variant, int(seed), tr, probe, cached=True)
     tr, t0 = ContinualTrainer(cfg, progress=study.progress), time.time()
-    probe = GradientProbe(tr.flow, probe_ratio if probe_ratio is not None else cfg.tail_top_k_ratio) if probe_ratio is not None else None
+    probe = GradientProbe(tr.flow, probe_ratio) if probe_ratio is not None else None
     with probe if probe is not None else contextlib.nullcontext():
         for c in study.classes:
             f = study.data[c].train_features
             tr.train_task(f, classes=[c] * len(f), task_name=c)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-        torch.save(tr.state_dict(), tmp); os.replace(tmp, path)
+        _save_atomic(path, lambda p: torch.save(tr.state_dict(), p))
+        if probe is not None: _save_atomic(ppath, lambda p: p.write_text(json.dumps(probe.steps)))
     return Trained(variant, int(seed), tr, probe, time.time() - t0)
 
 def train_models(study:Study, variants:dict|None=None, seeds=None, probe_ratio:float|None=None, use_cache:bool|None=None) -> dict:
