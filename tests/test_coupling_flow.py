@@ -3,32 +3,14 @@ import re
 import numpy as np, pytest, torch
 from moleflow.coupling_flow import (MoLEFlow, MoLEContextSubnet, FiLMAdapter, WhiteningAdapter, InstanceNormAdapter,
                                     SpatialContextMixer, sinusoidal_pos_embed_2d)
+from flow_checks import (with_tasks, randomise, nll, train, check_reverse, check_logdet, per_patch_logdets, off_diagonal,
+                         check_task_isolation)
 
 SUBNETS = [dict(subnet='mlp'), dict(subnet='context', context_mode='gate'), dict(subnet='context', context_mode='alpha')]
 IDS = ['mlp', 'context-gate', 'context-alpha']
 
 
 def tiny(**kw): return MoLEFlow(8, **(dict(n_blocks=4, hidden=16, rank=2) | kw))
-
-
-def with_tasks(flow, *tasks):
-    for t in tasks: flow.add_task(t)
-    return flow
-
-
-def randomise(params, std=0.1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params: p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
-def nll(z, ld): return (0.5 * z.square().sum(-1) - ld).mean()
-
-
-def train(flow, task, params, x, steps=4):
-    opt = torch.optim.Adam(params, lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad(); nll(*flow(x, task)).backward(); opt.step()
 
 
 @pytest.mark.parametrize('kw', SUBNETS, ids=IDS)
@@ -38,14 +20,7 @@ def test_reverse_recovers_input(kw, adapter):
     f = with_tasks(tiny(n_blocks=8, adapter=adapter, spatial_mixer=True, **kw), 0, 1, 2)
     randomise(f.task_parameters(1) + f.task_parameters(2))
     randomise(f.shared_parameters(), std=0.05, seed=1)
-    h = 2 * torch.randn(2, 7, 5, 8)
-    for t in (0, 1, 2):
-        z, ld = f.flow_forward(h, t)
-        assert (f.reverse(z, t) - h).abs().max().item() < 1e-4
-        assert torch.isfinite(ld).all()
-    x = torch.randn(2, 7, 5, 8)
-    z, _ = f(x, 2)
-    assert (f.reverse(z, 2) - f.prepare(x, 2)).abs().max().item() < 1e-4
+    check_reverse(f)
 
 
 @pytest.mark.parametrize('kw', SUBNETS, ids=IDS)
@@ -53,28 +28,13 @@ def test_logdet_matches_bruteforce_jacobian(kw):
     torch.manual_seed(0)
     f = with_tasks(tiny(**kw), 0, 1).double()
     randomise(f.task_parameters(1)); randomise(f.shared_parameters(), std=0.1, seed=1)
-    h = torch.randn(1, 3, 3, 8, dtype=torch.float64)
-    J = torch.autograd.functional.jacobian(lambda v: f.flow_forward(v, 1)[0], h).reshape(9, 8, 9, 8)
-    ld = f.flow_forward(h, 1)[1].flatten()
-    full = torch.linalg.slogdet(J.reshape(72, 72))
-    assert full.sign != 0
-    torch.testing.assert_close(full.logabsdet, ld.sum(), rtol=0, atol=1e-9)
-    # each block alone: block-triangular over (conditioning halves, transformed halves) -> exact per-patch values
-    u = h.reshape(9, 8)
-    for blk in f.blocks:
-        Jb = torch.autograd.functional.jacobian(lambda v: blk(v, 1, (1, 3, 3))[0], u).reshape(9, 8, 9, 8)
-        out, ldb = blk(u, 1, (1, 3, 3))
-        per_patch = torch.stack([torch.linalg.slogdet(Jb[p, :, p, :]).logabsdet for p in range(9)])
-        torch.testing.assert_close(per_patch, ldb, rtol=0, atol=1e-9)
-        torch.testing.assert_close(torch.linalg.slogdet(Jb.reshape(72, 72)).logabsdet, ldb.sum(), rtol=0, atol=1e-9)
-        u = out.detach()
-    off = J.clone(); off[range(9), :, range(9), :] = 0
+    J, h = check_logdet(f)
     if kw['subnet'] == 'mlp':  # block-diagonal: the whole flow's per-patch values are exact too
-        assert off.abs().max() == 0
-        per_patch = torch.stack([torch.linalg.slogdet(J[p, :, p, :]).logabsdet for p in range(9)])
-        torch.testing.assert_close(per_patch, ld, rtol=0, atol=1e-9)
+        assert off_diagonal(J) == 0
+        per_patch, _ = per_patch_logdets(lambda v: f.flow_forward(v.view(1, 3, 3, 8), 1)[0].view(9, 8), h.view(9, 8), 9)
+        torch.testing.assert_close(per_patch, f.flow_forward(h, 1)[1].flatten(), rtol=0, atol=1e-9)
     else:
-        assert off.abs().max() > 0
+        assert off_diagonal(J) > 0
 
 
 @pytest.mark.parametrize('cfg', [dict(subnet='context', adapter='whitening'),
@@ -84,21 +44,7 @@ def test_logdet_matches_bruteforce_jacobian(kw):
 def test_training_task_t_leaves_earlier_tasks_bit_identical(cfg):
     torch.manual_seed(0)
     f = with_tasks(tiny(**cfg), 0)
-    x = torch.randn(2, 5, 4, 8)
-    train(f, 0, f.shared_parameters() + f.task_parameters(0), x)
-    f.freeze_shared()
-    assert all(not p.requires_grad for p in f.shared_parameters())
-    seen = {}
-    for t in (1, 2, 3):
-        seen[t - 1] = tuple(o.detach().clone() for o in f(x, t - 1))
-        f.add_task(t)
-        fresh = f(x, t)[0].detach().clone()
-        train(f, t, f.task_parameters(t), x)
-        for s, (z, ld) in seen.items():
-            z2, ld2 = f(x, s)
-            assert torch.equal(z2, z) and torch.equal(ld2, ld), (t, s)
-            assert torch.equal(f.reverse(z, s), f.reverse(z2, s))
-        assert not torch.equal(f(x, t)[0], fresh)
+    check_task_isolation(f, f.shared_parameters() + f.task_parameters(0))
 
 
 def test_task0_trains_global_affine_and_gradients_stay_in_task():

@@ -5,6 +5,7 @@ from moleflow.lora import LoRALinear
 from moleflow.coupling_flow import MoLEFlow
 from moleflow.flow_variants import (VariantFlow, SpatialLoRALinear, CrossPatchSubnet, NeighbourContext, PatchAttention,
                                     DIAFlow, grid_weights, bilinear_weights)
+from flow_checks import with_tasks, randomise, nll, check_reverse, check_logdet, per_patch_logdets, off_diagonal, check_task_isolation
 
 COMBOS = {
     'cpcf-learned': dict(subnet='cross_patch'),
@@ -21,40 +22,13 @@ COMBOS = {
 def tiny(**kw): return VariantFlow(8, **(dict(n_blocks=4, hidden=16, rank=2) | kw))
 
 
-def with_tasks(flow, *tasks):
-    for t in tasks: flow.add_task(t)
-    return flow
-
-
-def randomise(params, std=0.1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params: p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
-def nll(z, ld): return (0.5 * z.square().sum(-1) - ld).mean()
-
-
-def train(flow, task, params, x, steps=4):
-    opt = torch.optim.Adam(params, lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad(); nll(*flow(x, task)).backward(); opt.step()
-
-
 @pytest.mark.parametrize('kw', COMBOS.values(), ids=COMBOS.keys())
 def test_reverse_recovers_input(kw):
     torch.manual_seed(0)
     f = with_tasks(tiny(n_blocks=6, adapter='film', **kw), 0, 1, 2)
     randomise(f.task_parameters(1) + f.task_parameters(2))
     randomise(f.shared_parameters(), std=0.05, seed=1)
-    h = 2 * torch.randn(2, 7, 5, 8)
-    for t in (0, 1, 2):
-        z, ld = f.flow_forward(h, t)
-        assert (f.reverse(z, t) - h).abs().max().item() < 1e-4
-        assert torch.isfinite(ld).all() and ld.shape == (2, 7, 5)
-    x = torch.randn(2, 7, 5, 8)
-    z, _ = f(x, 2)
-    assert (f.reverse(z, 2) - f.prepare(x, 2)).abs().max().item() < 1e-4
+    check_reverse(f)
 
 
 @pytest.mark.parametrize('kw', COMBOS.values(), ids=COMBOS.keys())
@@ -62,27 +36,14 @@ def test_logdet_matches_bruteforce_jacobian(kw):
     torch.manual_seed(0)
     f = with_tasks(tiny(**kw), 0, 1).double()
     randomise(f.task_parameters(1)); randomise(f.shared_parameters(), std=0.1, seed=1)
-    h = torch.randn(1, 3, 3, 8, dtype=torch.float64)
-    J = torch.autograd.functional.jacobian(lambda v: f.flow_forward(v, 1)[0], h).reshape(9, 8, 9, 8)
-    ld = f.flow_forward(h, 1)[1].flatten()
-    full = torch.linalg.slogdet(J.reshape(72, 72))
-    assert full.sign != 0
-    torch.testing.assert_close(full.logabsdet, ld.sum(), rtol=0, atol=1e-9)
-    # each coupling block alone is block-triangular: its per-patch values are exact
-    u = h.reshape(9, 8)
-    for blk in f.blocks:
-        Jb = torch.autograd.functional.jacobian(lambda v: blk(v, 1, (1, 3, 3))[0], u).reshape(9, 8, 9, 8)
-        out, ldb = blk(u, 1, (1, 3, 3))
-        per_patch = torch.stack([torch.linalg.slogdet(Jb[p, :, p, :]).logabsdet for p in range(9)])
-        torch.testing.assert_close(per_patch, ldb, rtol=0, atol=1e-9)
-        u = out.detach()
+    J, h = check_logdet(f)
     if '1' in f.dia:  # the DIA flow acts on each patch alone: its per-patch log-dets are exact
-        Jd = torch.autograd.functional.jacobian(lambda v: f.dia['1'](v)[0], u).reshape(9, 8, 9, 8)
-        per_patch = torch.stack([torch.linalg.slogdet(Jd[p, :, p, :]).logabsdet for p in range(9)])
+        u = h.reshape(9, 8)
+        for blk in f.blocks: u = blk(u, 1, (1, 3, 3))[0].detach()
+        per_patch, _ = per_patch_logdets(lambda v: f.dia['1'](v)[0], u, 9)
         torch.testing.assert_close(per_patch, f.dia['1'](u)[1], rtol=0, atol=1e-9)
-    off = J.clone(); off[range(9), :, range(9), :] = 0
     spatial = kw['subnet'] == 'context' or (kw['subnet'] == 'cross_patch' and kw.get('cross_patch_context', 'learned') != 'none')
-    assert (off.abs().max() > 0) == spatial
+    assert (off_diagonal(J) > 0) == spatial
 
 
 @pytest.mark.parametrize('kw', [COMBOS[k] for k in ('v4', 'v4.1-dia', 'v6', 'context-dia-attn')],
@@ -90,23 +51,9 @@ def test_logdet_matches_bruteforce_jacobian(kw):
 def test_training_task_t_leaves_earlier_tasks_bit_identical(kw):
     torch.manual_seed(0)
     f = with_tasks(tiny(**kw), 0)
-    x = torch.randn(2, 5, 4, 8)
-    train(f, 0, [p for p in f.parameters() if p.requires_grad], x)
-    if f.attention is not None: assert f.attention.gate.item() != 0   # trained with task 0 ...
-    f.freeze_shared()
-    assert all(not p.requires_grad for p in f.shared_parameters())
-    if f.attention is not None: assert all(not p.requires_grad for p in f.attention.parameters())   # ... then frozen
-    seen = {}
-    for t in (1, 2, 3):
-        seen[t - 1] = tuple(o.detach().clone() for o in f(x, t - 1))
-        f.add_task(t)
-        fresh = f(x, t)[0].detach().clone()
-        train(f, t, f.task_parameters(t), x)
-        for s, (z, ld) in seen.items():
-            z2, ld2 = f(x, s)
-            assert torch.equal(z2, z) and torch.equal(ld2, ld), (t, s)
-            assert torch.equal(f.reverse(z, s), f.reverse(z2, s))
-        assert not torch.equal(f(x, t)[0], fresh)
+    check_task_isolation(f, [p for p in f.parameters() if p.requires_grad])
+    if f.attention is not None:   # trained with task 0, then frozen
+        assert f.attention.gate.item() != 0 and all(not p.requires_grad for p in f.attention.parameters())
 
 
 def test_gradients_reach_only_the_active_task():
