@@ -36,7 +36,7 @@ def main(pytest_args):
     print("== pytest", flush=True)
     junit = ROOT/'.pytest_cache'/'junit.xml'
     junit.parent.mkdir(exist_ok=True)
-    rc = subprocess.run([str(BIN/'python'), '-m', 'pytest', 'tests', '-q', '-rs', f'--junitxml={junit}', *pytest_args],
+    rc = subprocess.run([str(BIN/'python'), '-m', 'pytest', 'tests', '-q', '-rs', '--durations=15', f'--junitxml={junit}', *pytest_args],
                         cwd=ROOT).returncode
     py_pass = py_fail = py_skip = 0
     if junit.exists():
