@@ -39,7 +39,7 @@ def parse_args(argv=None):
     ap.add_argument('--crop-size', type=int, default=224, help='the input size every method sees')
     ap.add_argument('--epochs', type=int, default=None, help="moleflow epochs per task (default: the config's, 25)")
     ap.add_argument('--fastflow-epochs', type=int, default=5, help='anomalib FastFlow epochs (paper: 500; CPU default 5)')
-    ap.add_argument('--cflow-epochs', type=int, default=1, help='anomalib CFlow epochs (anomalib default 50; CPU default 1)')
+    ap.add_argument('--cflow-epochs', type=int, default=2, help='anomalib CFlow epochs (anomalib default 50; CPU default 2)')
     ap.add_argument('--coreset-ratio', type=float, default=0.1, help='PatchCore coreset sampling ratio (anomalib default 0.1)')
     ap.add_argument('--batch-size', type=int, default=8, help='training and inference batch of the peers; timing batch of all')
     ap.add_argument('--full', action='store_true', help='full settings (GPU): moleflow default epochs, FastFlow 500, CFlow 50')
