@@ -136,8 +136,8 @@ def run_moleflow(name, root, ds_cls, dataset, classes, a, bar):
     import shutil; shutil.rmtree(cfg.cache_dir, ignore_errors=True)   # a fresh cache: extraction is measured
     res = {}
     with PeakRSS() as mem:
-        ext = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
-        cache, extract = FeatureCache(cfg.cache_dir), {}
+        ext = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim).to(a.device)
+        cache, extract = FeatureCache(cfg.cache_dir), {}   # the cache extracts where the backbone lives (GPU with --device cuda)
         for c in classes:   # extract (and cache) every split once, timed per class; run_continual then reads the cache
             for split in ('train', 'test'):
                 ds = ds_cls(root, c, split=split, resize=cfg.image_size, crop=cfg.crop_size)
@@ -163,11 +163,11 @@ def run_moleflow(name, root, ds_cls, dataset, classes, a, bar):
         x = imagenet_norm(te['images'])
         for method in ('moleflow', 'moleflow-oracle'):
             def fn(xb, oracle=(method == 'moleflow-oracle')):
-                f = ext(xb)
+                f = ext(xb).float().cpu()   # the backbone on --device; moleflow's trainer (flow, router) runs on the CPU
                 tasks = torch.full((len(f),), t) if oracle else trainer.route(f)
                 mp = anomaly_maps(trainer.nll_maps(f, tasks), cfg.crop_size, sigma=cfg.blur_sigma)
                 return mp, image_scores(mp, cfg.score_aggregation, cfg.score_param), tasks
-            outs, ms = timed_batches(fn, x, a.batch_size, 'cpu')
+            outs, ms = timed_batches(fn, x, a.batch_size, a.device)
             maps, scores, tasks = (torch.cat([o[i] for o in outs]) for i in range(3))
             r = metrics_of(maps, te['masks'], te['labels'], scores)
             r.update(train_s=extract[(c, 'train')] + train_s[t], infer_ms=ms, peak_rss_mb=mem.peak_mb, rss_delta_mb=mem.delta_mb,
@@ -486,7 +486,7 @@ def main(argv=None):
                     cflow_epochs=a.cflow_epochs, coreset_ratio=a.coreset_ratio, moleflow_epochs=a.epochs or 25)
     method_settings = {
         'moleflow': f"default config (`main`), {settings['moleflow_epochs']} epochs per task, batch 8, D=128, router picks the task; "
-                    f"lite0 stages /8 + /16",
+                    f"lite0 stages /8 + /16" + ('' if a.device == 'cpu' else f"; backbone on {a.device}, flow and router on the CPU (the trainer is CPU-only)"),
         'moleflow-oracle': 'the same trained model, true task id',
         'patchcore': f"anomalib Patchcore, lite0 {PEER_LAYERS['patchcore']} (/8 + /16), coreset {a.coreset_ratio}, 9 neighbours, 1 epoch",
         'fastflow': f"anomalib Fastflow **adapted by subclassing** (`Lite0Fastflow`/`Lite0FastflowModel`: FastFlow only accepts "
