@@ -76,6 +76,6 @@ def test_bench_script_parses_without_anomalib(repo_root):
         assert (a.image_size, a.crop_size, a.device) == (256, 224, 'cpu') and a.generated
         assert set(a.methods) == {'moleflow', 'moleflow-oracle', 'patchcore', 'fastflow', 'cflow'}
         f = bp.parse_args(['--full', '--device', 'cuda'])
-        assert f.fastflow_epochs >= 500 and f.cflow_epochs >= 50
+        assert f.fastflow_epochs >= 500 and f.cflow_epochs >= 50 and f.coreset_ratio == 0.1 and a.coreset_ratio == 0.01
         assert 'anomalib' not in sys.modules
     finally: sys.path.remove(str(repo_root / 'bench'))
