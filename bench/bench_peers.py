@@ -66,7 +66,8 @@ def setup_env(a):
 class PeakRSS:
     "Peak resident memory of this process while the `with` block runs (sampled every 20 ms in a thread)."
     def __enter__(self):
-        import psutil, threading
+        import gc, psutil, threading
+        gc.collect()   # drop the previous method's unreachable objects (Lightning engines hold reference cycles) first
         self._p, self._stop = psutil.Process(), threading.Event()
         self.start = self.peak = self._p.memory_info().rss
         def loop():
@@ -348,12 +349,12 @@ def write_markdown(res, path):
          "| method | settings |", "|---|---|"]
     for m, s in res['meta']['method_settings'].items(): L.append(f'| {m} | {s} |')
     L += ['', '## Results per data set and class', '',
-          '| data | class | method | image AUROC | pixel AUROC | pixel AP | AUPRO@0.3 | train s | infer ms/img | peak RSS MB | params added | '
+          '| data | class | method | image AUROC | pixel AUROC | pixel AP | AUPRO@0.3 | train s | infer ms/img | peak RSS MB (Δ) | params added | '
           'train × PC | infer × PC | RSS × PC | params × PC | pixAUROC × PC |', '|---|---|---|' + '---|' * 13]
     for (ds, method, c), r in rows.items():
         q = rat.get(f'{ds}/{method}/{c}', {})
         L.append(f"| {ds} | {c} | {method} | " + ' | '.join(fmt(r[k]) for k in COLS) +
-                 f" | {r['train_s']:.1f} | {r['infer_ms']:.1f} | {r['peak_rss_mb']:.0f} | {human(r['params_added'])} | " +
+                 f" | {r['train_s']:.1f} | {r['infer_ms']:.1f} | {r['peak_rss_mb']:.0f} (+{r['rss_delta_mb']:.0f}) | {human(r['params_added'])} | " +
                  ' | '.join(fmt(q.get(k), 2) for k in ('train_s', 'infer_ms', 'peak_rss_mb', 'params_added', 'pixel_auroc')) + ' |')
     L += ['', '## Means over classes', '', '| data | method | image AUROC | pixel AUROC | pixel AP | AUPRO@0.3 | train s (sum) | infer ms/img |',
           '|---|---|---|---|---|---|---|---|']
@@ -369,6 +370,9 @@ def write_markdown(res, path):
     L += ['', 'Extraction is the backbone pass over the train and test images, once (features are cached); flow training is the '
           'per-task training on cached features; evaluation is the rest of `run_continual` (routing, NLL maps, metrics after every task). '
           '"train s" of a moleflow row = its class\'s training-set extraction + its task\'s flow training; the oracle row shares that model. '
+          '"peak RSS" is the whole process\'s peak resident memory while the method ran (moleflow: the whole continual run of the data set), '
+          '(Δ) its rise over the start of that window, after a garbage collection; everything runs in one process, so the peak includes '
+          'what earlier methods left allocated. '
           '"params added" = per-task LoRA experts, adapter and router prototype (moleflow) or everything per class except the frozen '
           'backbone (PatchCore: the coreset memory bank; FastFlow: flows and layer norms; CFlow: decoders and pooling).']
     f = res.get('features')
