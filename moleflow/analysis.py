@@ -26,7 +26,7 @@ __all__ = ['VERDICTS', 'VARIANTS', 'as_list', 'bootstrap_ci', 'mean_ci', 'bootst
            'confidence', 'jsonable', 'write_results', 'read_results', 'LayerLogdetRecorder', 'tail_mask',
            'GradientProbe', 'analysis_dir', 'tiny_data', 'Study', 'make_study', 'Trained', 'train_model',
            'train_models', 'class_nll', 'patch_labels', 'split_images', 'image_gradient_grid', 'evaluate_model',
-           'save_figure']
+           'FigurePath', 'save_figure']
 
 # %% ../nbs/09b_analysis.ipynb #f9910d5c
 def as_list(x) -> list:
@@ -582,10 +582,15 @@ def evaluate_model(trained:Trained, study:Study) -> dict:
     return per_class
 
 # %% ../nbs/09b_analysis.ipynb #0c7764ce
-def save_figure(fig, out_dir, name:str) -> Path:
-    "Save `fig` as `<out_dir>/<name>.png`, close it, return the path."
+class FigurePath(type(Path())):
+    "Path of a saved PNG that a notebook shows as the image when it is a cell's result (docs pages get the figure)."
+    def _repr_png_(self): return self.read_bytes() if self.is_file() else None
+    def __repr__(self): return f"FigurePath('{self.name}')"
+
+def save_figure(fig, out_dir, name:str) -> FigurePath:
+    "Save `fig` as `<out_dir>/<name>.png`, close it, return the path (shown as the figure when it ends a cell)."
     import matplotlib.pyplot as plt
-    path = Path(out_dir) / f'{name}.png'
+    path = FigurePath(Path(out_dir) / f'{name}.png')
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches='tight'); plt.close(fig)
     return path
