@@ -55,7 +55,7 @@ class MoLEConfig:
     context_init_scale: float = 0.1
     context_max_alpha: float = 0.2
     clamp: float = 1.9              # affine clamping of the coupling blocks
-    adapter: str = 'whitening'      # per-task input adapter
+    adapter: str = 'film'           # per-task input adapter (main: FiLM; measured best of the four in notebook 09)
     pos_embed: bool = True          # 2-D sinusoidal positional embedding
     spatial_mixer: bool = False     # depthwise residual context mixer before the flow
     lora_rank: int = 16
@@ -191,8 +191,9 @@ PRESETS: dict[str, dict] = {
                  batch_size=8, image_size=128, crop_size=128),
     'v1': _V1, 'v2': _V2, 'v3': _V3, 'v4': _V4, 'v4.1': _V41, 'v5': _V5, 'v6': _V6,
     'v7': dict(_V6, focal_gamma=2.0),
-    'baseline_1.5': dict(_EARLY, subnet_type='context', context_mode='alpha', context_init_scale=0.1, context_max_alpha=0.2),
-    'baseline_2.0': dict(_EARLY, subnet_type='context', context_mode='gate'),
+    'baseline_1.5': dict(_EARLY, subnet_type='context', context_mode='alpha', context_init_scale=0.1, context_max_alpha=0.2,
+                         adapter='whitening'),
+    'baseline_2.0': dict(_EARLY, subnet_type='context', context_mode='gate', adapter='whitening'),
 }
 VERSIONS = ('v1', 'v2', 'v3', 'v4', 'v4.1', 'v5', 'v6', 'v7', 'baseline_1.5', 'baseline_2.0', 'main')
 
