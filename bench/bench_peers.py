@@ -184,7 +184,7 @@ def run_moleflow(name, root, ds_cls, dataset, classes, a, bar):
             res[(method, c)] = r
         bar.update(2)
     return res, dict(split, wall_s=wall, config=dict(epochs=cfg.epochs, batch_size=cfg.batch_size, feature_dim=cfg.feature_dim,
-                                                      num_coupling_layers=cfg.num_coupling_layers, lora_rank=cfg.lora_rank,
+                                                      num_coupling_layers=cfg.num_coupling_layers, lora_rank=cfg.lora_rank, adapter=cfg.adapter,
                                                       router=cfg.router, score_aggregation=cfg.score_aggregation),
                      forgetting=m['forgetting'], shared_params=int(counts['shared']))
 
@@ -490,7 +490,8 @@ def main(argv=None):
     settings = dict(image_size=a.image_size, crop_size=a.crop_size, batch_size=a.batch_size, fastflow_epochs=a.fastflow_epochs,
                     cflow_epochs=a.cflow_epochs, coreset_ratio=a.coreset_ratio, moleflow_epochs=a.epochs or 25)
     method_settings = {
-        'moleflow': f"default config (`main`), {settings['moleflow_epochs']} epochs per task, batch 8, D=128, router picks the task; "
+        'moleflow': f"default config (`main`: {next(iter(runs.values()))['config']['adapter'] if runs else '?'} adapter), "
+                    f"{settings['moleflow_epochs']} epochs per task, batch 8, D=128, router picks the task; "
                     f"lite0 stages /8 + /16" + ('' if a.device == 'cpu' else f"; backbone on {a.device}, flow and router on the CPU (the trainer is CPU-only)"),
         'moleflow-oracle': 'the same trained model, true task id',
         'patchcore': f"anomalib Patchcore, lite0 {PEER_LAYERS['patchcore']} (/8 + /16), **coreset {a.coreset_ratio:g}**"
