@@ -75,8 +75,10 @@ def test_interrupting_the_sweep_stops_its_notebooks(tmp_path):
     "Ctrl-C on `moleflow sweep` stops the running papermill process and its kernel; the combination reruns next time."
     import os, signal
     nb = toy_notebook(tmp_path/'toy.ipynb')
+    # a shell's background job inherits SIGINT ignored (and Python then keeps ignoring it): restore the default
     proc = subprocess.Popen([str(BIN/'moleflow'), 'sweep', str(nb), '--grid', 'nap=300', '--out', str(tmp_path/'s')],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     status = tmp_path/'s'/'toy'/'nap=300'/'status.json'
     for _ in range(120):
         if status.exists() and 'pid' in json.loads(status.read_text()): break
