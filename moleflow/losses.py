@@ -26,6 +26,11 @@ def _check_weight(w, name:str, hi:float=math.inf):
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= hi:
         raise ValueError(f"{name} must be a number in [0, {hi:g}], got {w!r}")
 
+def _check_dim(dim):
+    "Raise `ValueError` unless `dim` (the feature dimension D behind each per-patch NLL) is a positive int."
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int (the feature dimension D), got {dim!r}")
+
 # %% ../nbs/02_losses.ipynb #039f7856
 def patch_nll(z:Tensor, logdet:Tensor) -> Tensor:
     "Negative log-likelihood in nats of each patch under a standard normal base: (B,H,W)."
@@ -38,8 +43,7 @@ def patch_nll(z:Tensor, logdet:Tensor) -> Tensor:
 # %% ../nbs/02_losses.ipynb #587c036e
 def bits_per_dim(nll:Tensor, dim:int) -> Tensor:
     "Per-patch NLL in nats converted to bits per feature dimension."
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive int (the feature dimension D), got {dim!r}")
+    _check_dim(dim)
     return nll / (dim * math.log(2))
 
 # %% ../nbs/02_losses.ipynb #94bafcc3
@@ -68,8 +72,7 @@ def focal_nll(nll:Tensor, gamma:float=2.0, dim:int=1) -> Tensor:
     "Mean of (1-p)^gamma·NLL with p = exp(-clamp(NLL/dim, 0, 20)) detached: a re-weighted per-patch mean."
     _check_rank(nll, 3, 'nll', '(B,H,W)')
     _check_weight(gamma, 'gamma')
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim (the number of feature dimensions behind each NLL) must be an int >= 1, got {dim!r}")
+    _check_dim(dim)
     p = torch.exp(-(nll.detach() / dim).clamp(0, 20))
     return ((1 - p).pow(gamma) * nll).mean()
 

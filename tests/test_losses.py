@@ -101,7 +101,7 @@ def test_focal_weight_uses_per_dimension_likelihood():
     (lambda t: tail_aware_loss(t, 1.2), 'tail_weight must be a number in [0, 1]'),
     (lambda t: tail_aware_loss(t[0]), 'nll must be a non-empty tensor of shape (B,H,W)'),
     (lambda t: focal_nll(t, gamma=-1.0), 'gamma must be a number in [0, inf]'),
-    (lambda t: focal_nll(t, dim=0), 'dim (the number of feature dimensions'),
+    (lambda t: focal_nll(t, dim=0), 'dim must be a positive int (the feature dimension D)'),
     (lambda t: logdet_reg(t, -1e-4), 'weight must be a number in [0, inf]'),
     (lambda t: logdet_reg(t[0], 1.0), 'logdet must be a non-empty tensor of shape (B,H,W)'),
     (lambda t: center_loss(t), 'z must be a non-empty tensor of shape (B,H,W,D)'),
