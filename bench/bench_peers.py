@@ -47,7 +47,6 @@ def parse_args(argv=None):
     ap.add_argument('--out-dir', default=str(ROOT / 'runs' / 'bench'), help='runs, caches, HF_HOME (not committed)')
     ap.add_argument('--results', default=str(ROOT / 'bench' / 'results'), help='prefix of the .json/.md/.png results')
     ap.add_argument('--features-json', default=str(ROOT / 'bench' / 'results_features.json'), help='bench_features.py output to include')
-    ap.add_argument('--profile-md', default=str(ROOT / 'bench' / 'PROFILE.md'))
     a = ap.parse_args(argv)
     if a.full: a.fastflow_epochs, a.cflow_epochs = max(a.fastflow_epochs, 500), max(a.cflow_epochs, 50)
     if a.coreset_ratio is None: a.coreset_ratio = 0.1 if a.full else 0.01   # anomalib's greedy coreset at 10 % takes minutes per class on 1 CPU core
@@ -280,8 +279,8 @@ def backbone_check(model, prefix, x01):
     diffs = [float((g - want[g.shape[1]]).abs().max()) for g in got if g.shape[1] in want]
     return max(diffs) if diffs else None
 
-def run_peer(method, c, tr, te, a, bar, timeout_note):
-    import torch, lightning, logging
+def run_peer(method, c, tr, te, a, bar):
+    import torch
     from anomalib.engine import Engine
     torch.manual_seed(0)
     with PeakRSS() as mem:
@@ -306,7 +305,7 @@ def run_peer(method, c, tr, te, a, bar, timeout_note):
     sd = net.state_dict()
     added = sum(v.numel() for k, v in sd.items() if not k.startswith(bb + '.'))
     r.update(train_s=train_s, infer_ms=ms, peak_rss_mb=mem.peak_mb, rss_delta_mb=mem.delta_mb, params_added=int(added),
-             epochs=epochs, anomalib={k.replace('pixel_', 'pixel_').lower(): float(v) for k, v in own.items()},
+             epochs=epochs, anomalib={k.lower(): float(v) for k, v in own.items()},
              backbone_max_abs_diff=backbone_check(model, bb, te['images'][:2]),
              maps=maps, images=te['images'], masks=te['masks'], labels=te['labels'])
     bar.update(1)
@@ -471,7 +470,7 @@ def main(argv=None):
             tr, te = load_split(ds_cls, root, c, 'train', a), load_split(ds_cls, root, c, 'test', a)
             for m in peers:
                 bar.set_description(f'{ds_name} {m} {c}')
-                try: rows[(ds_name, m, c)] = run_peer(m, c, tr, te, a, bar, None)
+                try: rows[(ds_name, m, c)] = run_peer(m, c, tr, te, a, bar)
                 except Exception as e:   # report, keep going: one failing peer must not lose the run
                     import traceback; traceback.print_exc()
                     print(f"!! {m} on {ds_name}/{c} failed: {type(e).__name__}: {e}")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09b_analysis.ipynb #6a031c9a
 from __future__ import annotations
-import contextlib, hashlib, json, math, os, tempfile, time
+import contextlib, hashlib, json, math, tempfile, time
 from dataclasses import dataclass, asdict
 from functools import partial
 from pathlib import Path
@@ -15,7 +15,7 @@ from .config import MoLEConfig, make_config, atomic_write_text
 from .data import generate_default_dataset, denormalize, list_categories
 from .features import get_backbone, FeatureCache
 from .losses import patch_nll, tail_k
-from .trainer import ContinualTrainer, ClassData, DATASETS, evaluate_seen
+from .trainer import ContinualTrainer, ClassData, DATASETS, evaluate_seen, _checkpoint
 try: import fcntl
 except ImportError: fcntl = None   # not POSIX: no file lock
 
@@ -494,9 +494,10 @@ class Trained:
 
 def _code_hash() -> str:
     "Hash of the source of the modules that define and train a model."
-    import moleflow.trainer, moleflow.coupling_flow, moleflow.lora, moleflow.losses
+    import moleflow.trainer, moleflow.coupling_flow, moleflow.flow_variants, moleflow.lora, moleflow.losses
     h = hashlib.sha256()
-    for m in (moleflow.trainer, moleflow.coupling_flow, moleflow.lora, moleflow.losses): h.update(Path(m.__file__).read_bytes())
+    for m in (moleflow.trainer, moleflow.coupling_flow, moleflow.flow_variants, moleflow.lora, moleflow.losses):
+        h.update(Path(m.__file__).read_bytes())
     return h.hexdigest()
 
 def _model_path(study:Study, cfg:MoLEConfig) -> Path:
@@ -507,18 +508,13 @@ def _model_path(study:Study, cfg:MoLEConfig) -> Path:
 
 def _probe_path(path:Path, ratio:float) -> Path: return path.with_name(f'{path.stem}.probe{float(ratio)!r}.json')
 
-def _save_atomic(path:Path, save):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    save(tmp); os.replace(tmp, path)
-
 def train_model(study:Study, variant:str='tail_aware', seed:int=0, overrides:dict|None=None, probe_ratio:float|None=None,
                 use_cache:bool|None=None) -> Trained:
     "Train `study`'s classes one task each with `ContinualTrainer`; reuse a cached model (and its probe record) when asked."
     cfg = study.config({**VARIANTS.get(variant, {}), **(overrides or {})}, seed)
     use_cache = study.reuse_models if use_cache is None else use_cache
-    path = _model_path(study, cfg)
-    ppath = _probe_path(path, probe_ratio) if probe_ratio is not None else None
+    path = _model_path(study, cfg) if use_cache else None          # hashing the code and images: only when caching
+    ppath = _probe_path(path, probe_ratio) if use_cache and probe_ratio is not None else None
     if use_cache and path.is_file() and (ppath is None or ppath.is_file()):
         tr = ContinualTrainer(cfg, progress=False).load_state_dict(torch.load(path, weights_only=False))
         probe = None
@@ -531,8 +527,8 @@ def train_model(study:Study, variant:str='tail_aware', seed:int=0, overrides:dic
             f = study.data[c].train_features
             tr.train_task(f, classes=[c] * len(f), task_name=c)
     if use_cache:
-        _save_atomic(path, lambda p: torch.save(tr.state_dict(), p))
-        if probe is not None: _save_atomic(ppath, lambda p: p.write_text(json.dumps(probe.steps)))
+        _checkpoint(path, tr.state_dict())
+        if probe is not None: atomic_write_text(ppath, json.dumps(probe.steps))
     return Trained(variant, int(seed), tr, probe, time.time() - t0)
 
 def train_models(study:Study, variants:dict|None=None, seeds=None, probe_ratio:float|None=None, use_cache:bool|None=None) -> dict:

@@ -5,7 +5,6 @@ load exactly the weights moleflow's extractor uses, so that peers and moleflow s
 """
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
