@@ -20,6 +20,23 @@ def test_fresh_expert_is_base():
     for t in (None, 0, 1, 5, 9): assert torch.equal(lin(x, t), base)
 
 
+@pytest.mark.parametrize('rule,scale', [('alpha/rank', 10.0 / 4), ('alpha/(2*rank)', 10.0 / 8)])
+def test_forward_is_w_x_plus_b_plus_scaled_expert_plus_task_bias(rule, scale):
+    "alpha != rank and non-zero B and task bias: a dropped, squared or wrong scale, or a missing bias, fails."
+    torch.manual_seed(0)
+    lin = LoRALinear(12, 7, rank=4, alpha=10.0, scaling=rule)
+    lin.add_task(0); lin.add_task(1)
+    with torch.no_grad():
+        for t in ('0', '1'): lin.lora_B[t].normal_(); lin.bias[t].normal_()
+    x = torch.randn(3, 5, 12)
+    for t in (0, 1):
+        k = str(t)
+        ref = x @ lin.base.weight.T + lin.base.bias + scale * (x @ lin.lora_A[k].T @ lin.lora_B[k].T) + lin.bias[k]
+        assert lin.scaling == scale
+        torch.testing.assert_close(lin(x, t), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(lin(x, 0), lin(x, 1))
+
+
 @pytest.mark.parametrize('scaling', ['alpha/rank', 'alpha/(2*rank)'])
 @pytest.mark.parametrize('task_bias', [True, False])
 def test_training_task_t_leaves_earlier_tasks_bit_identical(scaling, task_bias):
