@@ -107,11 +107,16 @@ def cmd_sweep(args):
         sys.exit(1)
 
 # %% ../nbs/08a_cli.ipynb #006d303b
+def _weights_not_found():
+    "The backbone loader's missing-weights error (imported only when an error is being handled: torch loads late)."
+    from moleflow.features import WeightsNotFoundError
+    return WeightsNotFoundError
+
 def main(argv=None):
     "Entry point of the `moleflow` console script."
     args = build_parser().parse_args(argv)
     cmds = {'train': cmd_train, 'eval': cmd_eval, 'make-data': cmd_make_data, 'demo': cmd_demo, 'sweep': cmd_sweep}
     try: cmds[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, _weights_not_found()) as e:
         print(f"moleflow {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

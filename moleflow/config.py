@@ -194,6 +194,10 @@ PRESETS: dict[str, dict] = {
     'baseline_1.5': dict(_EARLY, subnet_type='context', context_mode='alpha', context_init_scale=0.1, context_max_alpha=0.2,
                          adapter='whitening'),
     'baseline_2.0': dict(_EARLY, subnet_type='context', context_mode='gate', adapter='whitening'),
+    # the original implementation's main configuration (MoLE6 + DIA2) for a GPU and the full MVTec AD: needs WideResNet-50 weights
+    'paper': dict(backbone='wide_resnet50_2', feature_dim=768, num_coupling_layers=6, dia_blocks=2, epochs=60, lr=3e-4,
+                  lora_rank=64, lora_alpha=64.0, batch_size=16, adapter='whitening', tail_weight=0.7, tail_top_k_ratio=0.02,
+                  score_aggregation='top_k', score_param=3, logdet_reg=1e-4, context_kernel=5),
 }
 VERSIONS = ('v1', 'v2', 'v3', 'v4', 'v4.1', 'v5', 'v6', 'v7', 'baseline_1.5', 'baseline_2.0', 'main')
 

@@ -155,7 +155,8 @@ def _weights_help(name, timm_name, cause):
             f"Supply them one of these ways:\n"
             f"  1. allow network access once, so timm downloads them into the Hugging Face cache;\n"
             f"  2. offline, point HF_HOME at a populated Hugging Face cache (HF_HUB_OFFLINE=1 is fine);\n"
-            f"  3. pass a local checkpoint: get_backbone({name!r}, weights='/path/to/checkpoint.pth' or '.safetensors');\n"
+            f"  3. pass a local checkpoint (.pth/.pt/.bin/.safetensors): the config field backbone_weights, e.g.\n"
+            f"     moleflow train ... --set backbone_weights=/path/to/checkpoint.pth, or get_backbone({name!r}, weights='/path/...');\n"
             f"  4. tests only: random initialisation with get_backbone({name!r}, weights=None).")
 
 def load_backbone_model(name:str='efficientnet_lite0', weights='default', seed:int=0, **create_kwargs):

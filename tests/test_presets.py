@@ -115,3 +115,16 @@ def test_config_files_with_new_fields_round_trip(tmp_path):
     assert load_config(tmp_path/'old.json').lora_grid == 0
     (tmp_path/'bad.json').write_text(json.dumps({'lora_grid': 4}))
     with pytest.raises(ValueError, match="needs subnet_type='cross_patch'"): load_config(tmp_path/'bad.json')
+
+def test_paper_preset_offline_without_weights_stops_before_training(tmp_path, generated_root):
+    "No WideResNet-50 checkpoint and no hub: one clear error with the ways to supply the weights, and nothing written."
+    import subprocess, sys, os
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path/'empty_hf_home')}
+    out = tmp_path/'run'
+    from pathlib import Path
+    r = subprocess.run([str(Path(sys.executable).parent/'moleflow'), 'train', '--data-root', str(generated_root), '--tasks', 'fabric',
+                        '--out', str(out), '--preset', 'paper'], capture_output=True, text=True, env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert 'wide_resnet50_2' in r.stderr and 'Supply them' in r.stderr and '--set backbone_weights=' in r.stderr
+    assert 'Traceback' not in r.stderr
+    assert not out.exists()
