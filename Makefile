@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install export readme check-readme clean-nbs test test-nbs test-py demo lab bench bench-install docs help
+.PHONY: install export readme check-readme clean-nbs test test-nbs test-py demo lab bench bench-install accuracy docs help
 
 help:
 	@echo "make test   - create .venv if needed, install pinned deps, export, run notebooks and pytest"
@@ -17,6 +17,8 @@ help:
 	@echo "make readme - regenerate README.md from nbs/index.ipynb"
 	@echo "make bench  - feature-cache benchmark, then moleflow vs anomalib PatchCore/FastFlow/CFlow (bench/results.md);"
 	@echo "              installs the [bench] extra (anomalib) first; BENCH_ARGS='--full --device cuda' for GPU settings"
+	@echo "make accuracy - the accuracy study of nbs/09d_accuracy.ipynb on ../shared/data and the generated set (results/accuracy/,"
+	@echo "              resumable); ACCURACY_ARGS='--arms main dia2:dia_blocks=2 --seeds 0 1 2' to choose arms and seeds"
 
 $(STAMP): requirements.txt constraints.txt settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,4 +67,10 @@ bench-install: $(BENCH_STAMP)
 bench: export bench-install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(BIN)/python bench/bench_features.py
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(BIN)/python bench/bench_peers.py $(BENCH_ARGS)
+ACCURACY_ARGS ?=
+
+# nbs/09d_accuracy.ipynb's study: where and why the flow trails nearest-neighbour scoring, per class over seeds
+accuracy: export
+	$(BIN)/python tools/accuracy_study.py $(ACCURACY_ARGS)
+
 -include docs.mk

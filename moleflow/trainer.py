@@ -104,8 +104,8 @@ def _slow_stage_params(self: ContinualTrainer, t: int):
 ContinualTrainer._train_params, ContinualTrainer._slow_stage_params = _train_params, _slow_stage_params
 
 # %% ../nbs/03_continual_trainer.ipynb #1867de02
-def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_name: str = ''):
-    "Add a task and train it on patch features `feats (N,H,W,D)`; `classes` labels each sample for the router."
+def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_name: str = '', on_epoch_end=None):
+    "Add a task and train it on patch features `feats (N,H,W,D)`; `classes` labels each sample for the router; `on_epoch_end(epoch, record)` is called after each epoch."
     cfg, t = self.cfg, self.num_tasks
     if feats.ndim != 4 or feats.shape[-1] != cfg.feature_dim:
         raise ValueError(f"feats must be (N, H, W, {cfg.feature_dim}), got {tuple(feats.shape)}")
@@ -151,6 +151,9 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
         records.append(rec)
         bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}", nonfinite=nonfinite)
         self.log.info(f"task {t} epoch {epoch}: " + ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in rec.items() if k != 'epoch'))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, rec)
+            self.flow.train()   # the callback may evaluate (nll_maps switches to eval mode)
         if nonfinite > cfg.max_nonfinite_fraction * n_batches:
             raise NonFiniteLossError(f"task {t} ({task_name}) epoch {epoch}: {nonfinite} of {n_batches} batches gave a "
                                      f"non-finite loss (limit {cfg.max_nonfinite_fraction:.0%}); lower 'lr' or 'clamp', or check the features")
