@@ -174,8 +174,8 @@ def reference_record(refs, roots:dict, cfg:MoLEConfig, max_bank:int=100_000, ext
     return out
 
 def run_study(out, arms:dict, sequences, seeds, roots:dict|None=None, eval_every:int=5, max_bank:int=100_000,
-              rerun_stale:bool=False, progress:bool=True) -> list[Path]:
-    "Run every arm x sequence x seed (resumable) and the reference of every class; returns the run files."
+              rerun_stale:bool=False, progress:bool=True, reference:bool=True) -> list[Path]:
+    "Run every arm x sequence x seed (resumable) and (with `reference`) the reference of every class; returns the run files."
     out, roots = Path(out), roots or data_roots()
     bad = [a for a in arms if not a or '/' in a]
     if bad: raise ValueError(f"arm names must be non-empty and contain no '/', got {bad}")
@@ -196,6 +196,7 @@ def run_study(out, arms:dict, sequences, seeds, roots:dict|None=None, eval_every
         rec.update(arm=arm, overrides=arms[arm], sequence_name=seq, seed=seed)
         atomic_write_text(path, json.dumps(rec, indent=1))
         files.append(path)
+    if not reference: return files
     ref_cfg = make_config('main', {**next(iter(arms.values())), 'seed': 0})   # the first arm's features
     feats = {k: getattr(ref_cfg, k) for k in FEATURE_KEYS}
     for seq, refs in seqs.items():
@@ -310,9 +311,11 @@ def main(argv=None):
     p.add_argument('--max-bank', type=int, default=100_000, help='patches kept in the reference memory bank')
     p.add_argument('--shared', help='the shared data folder (default: ../shared/data beside the repository)')
     p.add_argument('--rerun-stale', action='store_true', help='re-run finished runs made by other code')
+    p.add_argument('--skip-reference', action='store_true', help='leave the nearest-neighbour reference to another invocation')
     a = p.parse_args(argv)
     arms = dict(parse_arm(x) for x in a.arms)
-    files = run_study(a.out, arms, a.sequences, a.seeds, data_roots(a.shared), a.eval_every, a.max_bank, a.rerun_stale)
+    files = run_study(a.out, arms, a.sequences, a.seeds, data_roots(a.shared), a.eval_every, a.max_bank, a.rerun_stale,
+                      reference=not a.skip_reference)
     print(f"{len(files)} runs in {a.out}")
 
 # %% ../nbs/09d_accuracy.ipynb #288db0e0
