@@ -188,8 +188,12 @@ def run_study(out, arms:dict, sequences, seeds, roots:dict|None=None, eval_every
         if path.is_file():
             old = json.loads(path.read_text())
             same_cfg = {k: v for k, v in old['config'].items() if k != 'cache_dir'} == {k: v for k, v in asdict(cfg).items() if k != 'cache_dir'}
-            if same_cfg and (old['code']['source_sha256'] == version or not rerun_stale):
+            if same_cfg and old['code']['source_sha256'] == version:
                 files.append(path); continue
+            if not rerun_stale:
+                why = 'another config' if not same_cfg else f"other code (source {old['code']['source_sha256']}, now {version})"
+                raise ValueError(f"{path} holds a finished run made with {why}: pass rerun_stale=True (--rerun-stale) "
+                                 f"to run it again, or choose another study folder")
         first = seed == int(seeds[0]) and not seq.startswith('alone/')
         rec = run_record(cfg, seqs[seq], roots, eval_every, progress=False,
                          maps_out=out / 'maps' / arm / f'{_slug(seq)}.pt' if first else None)
