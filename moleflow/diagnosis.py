@@ -335,7 +335,8 @@ def plot_curves(runs:list[dict], arm:str='main', metrics=('pixel_auroc', 'aupro'
         for k in metrics: ax.plot(ep, [p[k] for p in c['curve']], marker='.', label=k)
         ax.set_title(f"{cls} (task {c['task']}, {c['steps']} steps)", fontsize=9); ax.set_xlabel('epoch'); ax.set_ylim(0, 1)
         ax2 = ax.twinx(); ax2.plot(range(1, len(c['loss']) + 1), c['loss'], color='grey', lw=1, ls='--'); ax2.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=7, loc='lower right'); axes[0][-1].set_ylabel('training loss (nats/patch, dashed)')
+    axes[0][0].legend(fontsize=7, loc='lower right'); axes[0][0].set_ylabel('test metric (true expert)')
+    ax2.set_ylabel('training loss, nats/patch (dashed)', fontsize=8)
     fig.tight_layout()
     return fig
 
