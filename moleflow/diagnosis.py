@@ -94,7 +94,11 @@ def score_maps(trainer:ContinualTrainer, data:ClassData, task:int) -> dict:
     "The per-patch score maps of part (e) for `data`'s test split through `task`'s expert: `{name: (N,h,w)}`."
     nll = trainer.nll_maps(data.test_features, [task] * len(data.test_features))
     train = trainer.nll_maps(data.train_features, [task] * len(data.train_features))
-    return {'nll': nll, 'nll_vs_train': (nll - train.mean(0)) / (train.std(0) + 1e-3) if len(train) > 1 else nll - train[0]}
+    with torch.inference_mode():
+        latent = torch.cat([0.5 * trainer.flow(data.test_features[i:i + 32], task=task)[0].square().sum(-1)
+                            for i in range(0, len(data.test_features), 32)])
+    return {'nll': nll, 'nll_vs_train': (nll - train.mean(0)) / (train.std(0) + 1e-3) if len(train) > 1 else nll - train[0],
+            'latent': latent}
 
 # %% ../nbs/09d_accuracy.ipynb #40be2f31
 def code_version() -> dict:
@@ -343,14 +347,17 @@ def plot_curves(runs:list[dict], arm:str='main', metrics=('pixel_auroc', 'aupro'
 # %% ../nbs/09d_accuracy.ipynb #a892692a
 def scoring_table(runs:list[dict], arm:str='main') -> tuple[list[str], list[list]]:
     "Per class: pixel AUROC / AUPRO of each score map, and image AUROC by the config's aggregation, the max and the mean."
-    rows, names = [], ('nll', 'nll_vs_train')
-    res = {n: class_results(runs, arm, 'oracle', n) for n in names}
+    names = ('nll', 'nll_vs_train', 'latent')
+    res = {n: class_results([r for r in runs if all(n in c['oracle'] for c in r['classes'].values())], arm, 'oracle', n) for n in names}
+    rows = []
     for cls in res['nll']:
         row = [cls]
-        for n in names: row += [f"{_ms(res[n][cls]['pixel_auroc'])[0]:.3f} / {_ms(res[n][cls]['aupro'])[0]:.3f}"]
+        for n in names:
+            m = res[n].get(cls)
+            row += [f"{_ms(m['pixel_auroc'])[0]:.3f} / {_ms(m['aupro'])[0]:.3f}" if m else '–']
         row += [f"{_ms(res['nll'][cls][k])[0]:.3f}" for k in ('image_auroc', 'image_auroc_max', 'image_auroc_mean')]
         rows.append(row)
-    return ['class', 'NLL: pixel AUROC / AUPRO', 'NLL vs training NLL at the position', 'image AUROC (config)', 'image AUROC (max)', 'image AUROC (mean)'], rows
+    return ['class', 'NLL: pixel AUROC / AUPRO', 'NLL vs training NLL at the position', '½‖z‖² alone', 'image AUROC (config)', 'image AUROC (max)', 'image AUROC (mean)'], rows
 
 # %% ../nbs/09d_accuracy.ipynb #545b26e0
 def worst_images(maps:torch.Tensor, data:ClassData, cfg:MoLEConfig, n:int=3) -> list[int]:
