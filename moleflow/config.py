@@ -79,6 +79,8 @@ class MoLEConfig:
     center_loss_weight: float = 0.0 # weight of mean ||z||^2
     # training
     epochs: int = 25
+    min_steps: int = 0              # > 0: a task trains at least this many optimizer steps (more epochs for small tasks) ...
+    max_epochs: int = 100           # ... but at most this many epochs (see trainer.task_epochs)
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -127,7 +129,7 @@ class MoLEConfig:
                 raise ValueError(f"config field {f.name!r} must be {_type_name(hints[f.name])}, got {v!r} ({type(v).__name__})")
             if f.name in CHOICES and v not in CHOICES[f.name]:
                 raise ValueError(f"config field {f.name!r} must be one of {CHOICES[f.name]}, got {v!r}")
-        for name in ('epochs', 'batch_size', 'num_coupling_layers', 'subnet_hidden', 'lora_rank', 'feature_dim',
+        for name in ('epochs', 'max_epochs', 'batch_size', 'num_coupling_layers', 'subnet_hidden', 'lora_rank', 'feature_dim',
                      'image_size', 'crop_size', 'eval_batch_size', 'attention_hidden', 'dia_hidden'):
             if getattr(self, name) < 1: raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
         if self.crop_size > self.image_size:
@@ -137,6 +139,7 @@ class MoLEConfig:
             raise ValueError(f"config field 'tail_top_k_ratio' must be in (0, 1], got {self.tail_top_k_ratio}")
         for name in ('lr', 'lora_alpha', 'clamp'):
             if getattr(self, name) <= 0: raise ValueError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
+        if self.min_steps < 0: raise ValueError(f"config field 'min_steps' must be >= 0, got {self.min_steps}")
         for name in ('logdet_reg', 'focal_gamma', 'center_loss_weight', 'weight_decay', 'warmup_epochs', 'grad_clip', 'blur_sigma'):
             if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.slow_stage_fraction < 1:

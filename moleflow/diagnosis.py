@@ -13,7 +13,7 @@ from .config import MoLEConfig, make_config, get_preset, atomic_write_text
 from .data import MVTecDataset, generate_default_dataset
 from .features import get_backbone, FeatureCache
 from .evaluation import anomaly_maps, image_scores, evaluate_task
-from .trainer import ContinualTrainer, ClassData
+from .trainer import ContinualTrainer, ClassData, task_epochs
 
 # %% auto #0
 __all__ = ['SEQUENCES', 'METRIC_KEYS', 'AGGREGATIONS_COMPARED', 'ARMS', 'FEATURE_KEYS', 'ALONE', 'nn_distance_maps', 'sequence',
@@ -132,8 +132,9 @@ def run_record(cfg:MoLEConfig, refs, roots:dict, eval_every:int=5, progress:bool
     trainer, rec = ContinualTrainer(cfg, progress=progress), {}
     for t, (root, cls) in enumerate(refs):
         d, curve = data[cls], []
-        def on_epoch_end(epoch, r, d=d, t=t, curve=curve):
-            if (epoch + 1) % eval_every == 0 and epoch + 1 < trainer.cfg.epochs:
+        n_epochs = task_epochs(cfg, len(d.train_features))
+        def on_epoch_end(epoch, r, d=d, t=t, curve=curve, n_epochs=n_epochs):
+            if (epoch + 1) % eval_every == 0 and epoch + 1 < n_epochs:
                 curve.append({'epoch': epoch + 1, **class_metrics(trainer.nll_maps(d.test_features, [t] * len(d.test_features)), d, cfg)})
         t0 = time.time()
         trainer.train_task(d.train_features, classes=[cls] * len(d.train_features), task_name=cls, on_epoch_end=on_epoch_end)

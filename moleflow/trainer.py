@@ -16,9 +16,9 @@ from .router import PrototypeRouter
 
 # %% auto #0
 __all__ = ['DATASETS', 'METRICS', 'flow_loss', 'lr_factor', 'NonFiniteLossError', 'ContinualTrainer', 'build_flow',
-           'context_record', 'train_task', 'nll_maps', 'route', 'trainer_state', 'load_trainer_state', 'RunError',
-           'ClassData', 'evaluate_seen', 'task_means', 'run_continual', 'summarize', 'markdown_table', 'write_figures',
-           'evaluate_run']
+           'context_record', 'task_epochs', 'train_task', 'nll_maps', 'route', 'trainer_state', 'load_trainer_state',
+           'RunError', 'ClassData', 'evaluate_seen', 'task_means', 'run_continual', 'summarize', 'markdown_table',
+           'write_figures', 'evaluate_run']
 
 # %% ../nbs/03_continual_trainer.ipynb #821373e8
 def flow_loss(z, logdet, cfg: MoLEConfig):
@@ -104,6 +104,12 @@ def _slow_stage_params(self: ContinualTrainer, t: int):
 ContinualTrainer._train_params, ContinualTrainer._slow_stage_params = _train_params, _slow_stage_params
 
 # %% ../nbs/03_continual_trainer.ipynb #1867de02
+def task_epochs(cfg: MoLEConfig, n_samples: int) -> int:
+    "Epochs of a task with `n_samples` training samples: `epochs`, raised to reach `min_steps` optimizer steps, at most `max_epochs`."
+    n_batches = math.ceil(n_samples / cfg.batch_size)
+    if cfg.min_steps <= 0: return cfg.epochs
+    return max(cfg.epochs, min(cfg.max_epochs, math.ceil(cfg.min_steps / n_batches)))
+
 def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_name: str = '', on_epoch_end=None):
     "Add a task and train it on patch features `feats (N,H,W,D)`; `classes` labels each sample for the router; `on_epoch_end(epoch, record)` is called after each epoch."
     cfg, t = self.cfg, self.num_tasks
@@ -116,12 +122,12 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
     params = self._train_params(t)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(_seed_for(cfg.seed, t))
-    n_batches = math.ceil(len(feats) / cfg.batch_size)
-    total, warmup = cfg.epochs * n_batches, (cfg.warmup_epochs * n_batches if t > 0 else 0)
-    slow_from = cfg.epochs - math.ceil(cfg.slow_stage_fraction * cfg.epochs) if (t > 0 and cfg.slow_stage_fraction > 0) else None
+    n_batches, epochs = math.ceil(len(feats) / cfg.batch_size), task_epochs(cfg, len(feats))
+    total, warmup = epochs * n_batches, (cfg.warmup_epochs * n_batches if t > 0 else 0)
+    slow_from = epochs - math.ceil(cfg.slow_stage_fraction * epochs) if (t > 0 and cfg.slow_stage_fraction > 0) else None
     records, step = [], 0
     self.flow.train()
-    bar = tqdm(range(cfg.epochs), desc=f'task {t} {task_name}'.strip(), disable=not self.progress, leave=False)
+    bar = tqdm(range(epochs), desc=f'task {t} {task_name}'.strip(), disable=not self.progress, leave=False)
     for epoch in bar:
         if slow_from is not None and epoch == slow_from:
             slow = self._slow_stage_params(t)
