@@ -199,7 +199,7 @@ def run_study(out, arms:dict, sequences, seeds, roots:dict|None=None, eval_every
                 why = 'another config' if not same_cfg else f"other code (source {old['code']['source_sha256']}, now {version})"
                 raise ValueError(f"{path} holds a finished run made with {why}: pass rerun_stale=True (--rerun-stale) "
                                  f"to run it again, or choose another study folder")
-        first = seed == int(seeds[0]) and not seq.startswith('alone/')
+        first = seed == 0 and not seq.startswith('alone/')   # maps of seed 0 only: one file per arm and sequence
         rec = run_record(cfg, seqs[seq], roots, eval_every, progress=False,
                          maps_out=out / 'maps' / arm / f'{_slug(seq)}.pt' if first else None)
         rec.update(arm=arm, overrides=arms[arm], sequence_name=seq, seed=seed)
