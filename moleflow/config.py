@@ -81,6 +81,7 @@ class MoLEConfig:
     epochs: int = 25
     min_steps: int = 0              # > 0: a task trains at least this many optimizer steps (more epochs for small tasks) ...
     max_epochs: int = 100           # ... but at most this many epochs (see trainer.task_epochs)
+    train_noise: float = 0.0        # > 0: Gaussian noise of this many per-channel standard deviations added to training features
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -140,7 +141,7 @@ class MoLEConfig:
         for name in ('lr', 'lora_alpha', 'clamp'):
             if getattr(self, name) <= 0: raise ValueError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
         if self.min_steps < 0: raise ValueError(f"config field 'min_steps' must be >= 0, got {self.min_steps}")
-        for name in ('logdet_reg', 'focal_gamma', 'center_loss_weight', 'weight_decay', 'warmup_epochs', 'grad_clip', 'blur_sigma'):
+        for name in ('train_noise', 'logdet_reg', 'focal_gamma', 'center_loss_weight', 'weight_decay', 'warmup_epochs', 'grad_clip', 'blur_sigma'):
             if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.slow_stage_fraction < 1:
             raise ValueError(f"config field 'slow_stage_fraction' must be in [0, 1), got {self.slow_stage_fraction}")

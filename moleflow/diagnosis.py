@@ -19,8 +19,8 @@ from .trainer import ContinualTrainer, ClassData, task_epochs
 __all__ = ['SEQUENCES', 'METRIC_KEYS', 'AGGREGATIONS_COMPARED', 'ARMS', 'FEATURE_KEYS', 'ALONE', 'nn_distance_maps', 'sequence',
            'data_roots', 'open_classes', 'class_metrics', 'score_maps', 'code_version', 'run_record', 'run_path',
            'reference_record', 'run_study', 'load_study', 'class_results', 'fmt', 'to_markdown', 'gap_table',
-           'decomposition', 'compare_arms', 'parse_arm', 'main', 'plot_curves', 'scoring_table', 'worst_images',
-           'plot_maps_side_by_side']
+           'decomposition', 'compare_arms', 'parse_arm', 'main', 'plot_curves', 'scoring_table', 'defect_table',
+           'worst_images', 'plot_maps_side_by_side']
 
 # %% ../nbs/09d_accuracy.ipynb #2c517a32
 def nn_distance_maps(bank:torch.Tensor, test:torch.Tensor, max_bank:int|None=None, seed:int=0, chunk:int=2048) -> torch.Tensor:
@@ -359,6 +359,31 @@ def scoring_table(runs:list[dict], arm:str='main') -> tuple[list[str], list[list
         row += [f"{_ms(res['nll'][cls][k])[0]:.3f}" for k in ('image_auroc', 'image_auroc_max', 'image_auroc_mean')]
         rows.append(row)
     return ['class', 'NLL: pixel AUROC / AUPRO', 'NLL vs training NLL at the position', '½‖z‖² alone', 'image AUROC (config)', 'image AUROC (max)', 'image AUROC (mean)'], rows
+
+# %% ../nbs/09d_accuracy.ipynb #45e41a1e
+def defect_table(study_dir, arm:str='main', roots:dict|None=None, seqs=('mvtec_subset', 'bsdata', 'generated')) -> tuple[list[str], list[list]]:
+    "Per class and defect type: pixel AUROC / AUPRO / pixel AP of `arm`'s seed-0 NLL maps and of the reference's maps."
+    from moleflow.evaluation import pixel_metrics
+    study_dir, roots, cfg, rows, done = Path(study_dir), roots or data_roots(), make_config('main'), [], set()
+    for seq in seqs:
+        p = study_dir / 'maps' / arm / f'{seq}.pt'
+        if not p.is_file(): continue
+        flow_maps = torch.load(p, weights_only=True)
+        for root, cls in sequence(seq):
+            ref = study_dir / 'maps' / 'reference' / f'{cls}.pt'
+            if cls in done or cls not in flow_maps or not ref.is_file() or not Path(roots[root]).is_dir(): continue
+            done.add(cls)
+            d = open_classes([(root, cls)], roots, cfg, None, FeatureCache())[cls]
+            masks, _ = d.ground_truth
+            defects = [s.defect for s in d.test_ds.samples]
+            ups = [anomaly_maps(m.float(), cfg.crop_size, sigma=cfg.blur_sigma) for m in (flow_maps[cls], torch.load(ref, weights_only=True)[cls])]
+            for df in sorted(set(defects) - {'good'}):
+                idx = [i for i, x in enumerate(defects) if x in (df, 'good')]
+                ms = [pixel_metrics(masks[idx], u[idx]) for u in ups]
+                rows.append([cls, df, sum(x == df for x in defects)] +
+                            [f"{m['pixel_auroc']:.3f} / {m['aupro']:.3f} / {m['pixel_ap']:.3f}" for m in ms] +
+                            [f"{ms[0]['aupro'] - ms[1]['aupro']:+.3f}"])
+    return ['class', 'defect', 'images', 'flow: pixel AUROC / AUPRO / AP', 'NN: pixel AUROC / AUPRO / AP', 'Δ AUPRO'], rows
 
 # %% ../nbs/09d_accuracy.ipynb #545b26e0
 def worst_images(maps:torch.Tensor, data:ClassData, cfg:MoLEConfig, n:int=3) -> list[int]:

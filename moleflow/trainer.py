@@ -126,6 +126,7 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
     total, warmup = epochs * n_batches, (cfg.warmup_epochs * n_batches if t > 0 else 0)
     slow_from = epochs - math.ceil(cfg.slow_stage_fraction * epochs) if (t > 0 and cfg.slow_stage_fraction > 0) else None
     records, step = [], 0
+    noise_scale = feats.flatten(0, 2).std(0) if cfg.train_noise > 0 else None   # per-channel spread of the task's features
     self.flow.train()
     bar = tqdm(range(epochs), desc=f'task {t} {task_name}'.strip(), disable=not self.progress, leave=False)
     for epoch in bar:
@@ -140,6 +141,7 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
             f = lr_factor(step, total, warmup); step += 1
             for g in opt.param_groups: g['lr'] = g.setdefault('base_lr', cfg.lr) * f
             x = feats[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+            if cfg.train_noise > 0: x = x + cfg.train_noise * noise_scale * torch.randn(x.shape, generator=gen)
             z, logdet = self.flow(x, task=t)
             loss, parts = flow_loss(z, logdet, cfg)
             opt.zero_grad(set_to_none=True)
