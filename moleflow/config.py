@@ -79,8 +79,9 @@ class MoLEConfig:
     center_loss_weight: float = 0.0 # weight of mean ||z||^2
     # training
     epochs: int = 25
-    min_steps: int = 0              # > 0: a task trains at least this many optimizer steps (more epochs for small tasks) ...
+    expert_min_steps: int = 0       # > 0: a task after the first trains at least this many optimizer steps ...
     max_epochs: int = 100           # ... but at most this many epochs (see trainer.task_epochs)
+    expert_lr_factor: float = 1.0   # learning rate of the tasks after the first: lr * expert_lr_factor
     train_noise: float = 0.0        # > 0: Gaussian noise of this many per-channel standard deviations added to training features
     batch_size: int = 8
     lr: float = 1e-3
@@ -138,9 +139,9 @@ class MoLEConfig:
         if not 0 <= self.tail_weight <= 1: raise ValueError(f"config field 'tail_weight' must be in [0, 1], got {self.tail_weight}")
         if not 0 < self.tail_top_k_ratio <= 1:
             raise ValueError(f"config field 'tail_top_k_ratio' must be in (0, 1], got {self.tail_top_k_ratio}")
-        for name in ('lr', 'lora_alpha', 'clamp'):
+        for name in ('lr', 'lora_alpha', 'clamp', 'expert_lr_factor'):
             if getattr(self, name) <= 0: raise ValueError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
-        if self.min_steps < 0: raise ValueError(f"config field 'min_steps' must be >= 0, got {self.min_steps}")
+        if self.expert_min_steps < 0: raise ValueError(f"config field 'expert_min_steps' must be >= 0, got {self.expert_min_steps}")
         for name in ('train_noise', 'logdet_reg', 'focal_gamma', 'center_loss_weight', 'weight_decay', 'warmup_epochs', 'grad_clip', 'blur_sigma'):
             if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.slow_stage_fraction < 1:

@@ -132,7 +132,7 @@ def run_record(cfg:MoLEConfig, refs, roots:dict, eval_every:int=5, progress:bool
     trainer, rec = ContinualTrainer(cfg, progress=progress), {}
     for t, (root, cls) in enumerate(refs):
         d, curve = data[cls], []
-        n_epochs = task_epochs(cfg, len(d.train_features))
+        n_epochs = task_epochs(cfg, len(d.train_features), t)
         def on_epoch_end(epoch, r, d=d, t=t, curve=curve, n_epochs=n_epochs):
             if (epoch + 1) % eval_every == 0 and epoch + 1 < n_epochs:
                 curve.append({'epoch': epoch + 1, **class_metrics(trainer.nll_maps(d.test_features, [t] * len(d.test_features)), d, cfg)})

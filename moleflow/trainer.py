@@ -104,11 +104,11 @@ def _slow_stage_params(self: ContinualTrainer, t: int):
 ContinualTrainer._train_params, ContinualTrainer._slow_stage_params = _train_params, _slow_stage_params
 
 # %% ../nbs/03_continual_trainer.ipynb #1867de02
-def task_epochs(cfg: MoLEConfig, n_samples: int) -> int:
-    "Epochs of a task with `n_samples` training samples: `epochs`, raised to reach `min_steps` optimizer steps, at most `max_epochs`."
+def task_epochs(cfg: MoLEConfig, n_samples: int, task: int) -> int:
+    "Epochs of `task` with `n_samples` samples: `epochs`; an expert (task > 0) raised to `expert_min_steps` steps, at most `max_epochs`."
     n_batches = math.ceil(n_samples / cfg.batch_size)
-    if cfg.min_steps <= 0: return cfg.epochs
-    return max(cfg.epochs, min(cfg.max_epochs, math.ceil(cfg.min_steps / n_batches)))
+    if task == 0 or cfg.expert_min_steps <= 0: return cfg.epochs
+    return max(cfg.epochs, min(cfg.max_epochs, math.ceil(cfg.expert_min_steps / n_batches)))
 
 def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_name: str = '', on_epoch_end=None):
     "Add a task and train it on patch features `feats (N,H,W,D)`; `classes` labels each sample for the router; `on_epoch_end(epoch, record)` is called after each epoch."
@@ -120,9 +120,10 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
     self.num_tasks += 1
     if t > 0: self.flow.freeze_shared()
     params = self._train_params(t)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr = cfg.lr * (cfg.expert_lr_factor if t > 0 else 1.0)   # an expert (task > 0) may learn at its own rate
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(_seed_for(cfg.seed, t))
-    n_batches, epochs = math.ceil(len(feats) / cfg.batch_size), task_epochs(cfg, len(feats))
+    n_batches, epochs = math.ceil(len(feats) / cfg.batch_size), task_epochs(cfg, len(feats), t)
     total, warmup = epochs * n_batches, (cfg.warmup_epochs * n_batches if t > 0 else 0)
     slow_from = epochs - math.ceil(cfg.slow_stage_fraction * epochs) if (t > 0 and cfg.slow_stage_fraction > 0) else None
     records, step = [], 0
@@ -139,7 +140,7 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
         sums, nonfinite, t0 = {}, 0, time.time()
         for b in range(n_batches):
             f = lr_factor(step, total, warmup); step += 1
-            for g in opt.param_groups: g['lr'] = g.setdefault('base_lr', cfg.lr) * f
+            for g in opt.param_groups: g['lr'] = g.setdefault('base_lr', lr) * f
             x = feats[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
             if cfg.train_noise > 0: x = x + cfg.train_noise * noise_scale * torch.randn(x.shape, generator=gen)
             z, logdet = self.flow(x, task=t)
