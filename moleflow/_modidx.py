@@ -601,8 +601,10 @@ d = { 'settings': { 'branch': 'main',
                                   'moleflow.trainer.route': ('continual_trainer.html#route', 'moleflow/trainer.py'),
                                   'moleflow.trainer.run_continual': ('continual_trainer.html#run_continual', 'moleflow/trainer.py'),
                                   'moleflow.trainer.score_features': ('continual_trainer.html#score_features', 'moleflow/trainer.py'),
+                                  'moleflow.trainer.skipped_files': ('continual_trainer.html#skipped_files', 'moleflow/trainer.py'),
                                   'moleflow.trainer.summarize': ('continual_trainer.html#summarize', 'moleflow/trainer.py'),
                                   'moleflow.trainer.task_means': ('continual_trainer.html#task_means', 'moleflow/trainer.py'),
                                   'moleflow.trainer.train_task': ('continual_trainer.html#train_task', 'moleflow/trainer.py'),
                                   'moleflow.trainer.trainer_state': ('continual_trainer.html#trainer_state', 'moleflow/trainer.py'),
-                                  'moleflow.trainer.write_figures': ('continual_trainer.html#write_figures', 'moleflow/trainer.py')}}}
+                                  'moleflow.trainer.write_figures': ('continual_trainer.html#write_figures', 'moleflow/trainer.py'),
+                                  'moleflow.trainer.write_skipped': ('continual_trainer.html#write_skipped', 'moleflow/trainer.py')}}}

@@ -29,10 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--out', required=True, help='run folder')
     t.add_argument('--resume', action='store_true', help='continue a killed run from its last checkpoint')
     t.add_argument('--overwrite', action='store_true', help='replace the results already in --out')
+    t.add_argument('--skip-bad', action='store_true', help='skip unreadable images and defect images without masks (listed in RUN/skipped.txt) instead of stopping')
     cfg_args(t)
     e = sub.add_parser('eval', help='re-evaluate a trained run')
     e.add_argument('--run', required=True); e.add_argument('--data-root')
     e.add_argument('--overwrite', action='store_true', help='replace an earlier eval_metrics.json')
+    e.add_argument('--skip-bad', action='store_true', help='skip bad test images (listed in RUN/eval_skipped.txt) instead of stopping')
     r = sub.add_parser('predict', help='score new images with a trained run: maps, scores, decisions (notebook 03b)')
     r.add_argument('--run', required=True, help='run folder written by moleflow train')
     r.add_argument('--images', nargs='+', required=True, metavar='PATH', help='image files and/or folders (walked recursively)')
@@ -73,16 +75,20 @@ def cmd_train(args):
     from moleflow.trainer import run_continual, markdown_table
     cfg = None if args.resume else config_from_args(args)
     m = run_continual(cfg, args.data_root, parse_tasks(args.tasks), args.out, dataset=args.dataset,
-                      resume=args.resume, overwrite=args.overwrite)
+                      resume=args.resume, overwrite=args.overwrite, skip_bad=args.skip_bad)
     print(markdown_table(m)); print(f"\nrun folder: {args.out}")
+    if m['skipped']: print(f"skipped {m['skipped']} bad file(s), listed in {Path(args.out)/'skipped.txt'}")
 
 def cmd_eval(args):
-    from moleflow.trainer import evaluate_run
+    from moleflow.trainer import evaluate_run, write_skipped
     from moleflow.config import atomic_write_text
     out = Path(args.run)/'eval_metrics.json'
     if out.exists() and not args.overwrite: raise FileExistsError(f"{out} exists; use --overwrite to replace it")
-    m = evaluate_run(args.run, args.data_root)
+    m = evaluate_run(args.run, args.data_root, skip_bad=args.skip_bad)
     atomic_write_text(out, json.dumps(m, indent=2))
+    if m['skipped']:
+        write_skipped(Path(args.run)/'eval_skipped.txt', m['skipped_files'])
+        print(f"skipped {m['skipped']} bad file(s), listed in {Path(args.run)/'eval_skipped.txt'}")
     for c, v in m['final'].items(): print(c, json.dumps({k: round(x, 4) for k, x in v.items()}))
     print('mean', json.dumps({k: round(x, 4) for k, x in m['mean'].items()}))
 

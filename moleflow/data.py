@@ -125,7 +125,7 @@ class SampleDataset(Dataset):
         if problems and not skip_bad:
             lines = '\n'.join(f"  {p}: {r}" for p, r in problems[:10])
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ''
-            raise DataError(f"{len(problems)} bad sample(s) in {where} (pass skip_bad=True to skip them):\n{lines}{more}")
+            raise DataError(f"{len(problems)} bad sample(s) in {where} (pass --skip-bad on the command line, skip_bad=True in Python, to skip them):\n{lines}{more}")
         if problems:
             warnings.warn(f"skipped {len(problems)} bad sample(s) in {where}; see .skipped. First: {problems[0][0]}: "
                           f"{problems[0][1]}", stacklevel=3)

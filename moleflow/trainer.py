@@ -17,8 +17,9 @@ from .router import PrototypeRouter
 # %% auto #0
 __all__ = ['DATASETS', 'METRICS', 'flow_loss', 'lr_factor', 'NonFiniteLossError', 'ContinualTrainer', 'build_flow',
            'context_record', 'train_task', 'nll_maps', 'route', 'trainer_state', 'load_trainer_state', 'RunError',
-           'ClassData', 'score_features', 'evaluate_seen', 'task_means', 'holdout_split', 'normal_threshold',
-           'run_continual', 'summarize', 'markdown_table', 'write_figures', 'load_run', 'evaluate_run']
+           'ClassData', 'skipped_files', 'write_skipped', 'score_features', 'evaluate_seen', 'task_means',
+           'holdout_split', 'normal_threshold', 'run_continual', 'summarize', 'markdown_table', 'write_figures',
+           'load_run', 'evaluate_run']
 
 # %% ../nbs/03_continual_trainer.ipynb #821373e8
 def flow_loss(z, logdet, cfg: MoLEConfig):
@@ -279,6 +280,15 @@ class ClassData:
             self._gt = torch.stack(masks), torch.tensor(labels)
         return self._gt
 
+# %% ../nbs/03_continual_trainer.ipynb #cc12377c
+def skipped_files(data: dict) -> list:
+    "The `(path, reason)` pairs every data set of `data` (class name -> ClassData) skipped."
+    return [(p, why) for d in data.values() for ds in (d.train_ds, d.test_ds) if ds is not None for p, why in ds.skipped]
+
+def write_skipped(path: Path, skipped):
+    "List skipped files, one `path<TAB>reason` line each, atomically."
+    atomic_write_text(path, ''.join(f"{p}\t{why}\n" for p, why in skipped))
+
 # %% ../nbs/03_continual_trainer.ipynb #1384bfa3
 def score_features(trainer: ContinualTrainer, feats: torch.Tensor, tasks, cfg: MoLEConfig):
     "Anomaly maps `(N,S,S)` and image scores `(N,)` of features `(N,H,W,D)` through the experts `tasks`: the one scoring of eval and predict."
@@ -342,7 +352,8 @@ def _run_logger(out: Path):
 
 # %% ../nbs/03_continual_trainer.ipynb #c8056d01
 def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvtec', resume: bool = False,
-                  overwrite: bool = False, progress: bool = True, figures: bool = True, on_task_end=None) -> dict:
+                  overwrite: bool = False, progress: bool = True, figures: bool = True, on_task_end=None,
+                  skip_bad: bool = False) -> dict:
     "Train `tasks` (lists of class names) one after another on `data_root`, evaluating after each; write the run to `out`."
     out = Path(out)
     last_ckpt = _check_run_dir(out, resume, overwrite)
@@ -350,24 +361,29 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
         saved = json.loads((out/'run.json').read_text())
         cfg, tasks, dataset = load_config(out/'config.json'), saved['tasks'], saved['dataset']
         data_root = Path(data_root) if data_root is not None else Path(saved['data_root'])
+        skip_bad = skip_bad or saved.get('skip_bad', False)
     data_root = Path(data_root)
     tasks = [list(t) for t in tasks]
     _check_tasks(data_root, tasks, dataset)
     extractor = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
+    cache = FeatureCache(cfg.cache_dir)
+    ds_cls, kw = DATASETS[dataset], dict(resize=cfg.image_size, crop=cfg.crop_size, skip_bad=skip_bad)
+    data = {c: ClassData(c, ds_cls(data_root, c, split='train', **kw), ds_cls(data_root, c, split='test', **kw), cache, extractor, progress)
+            for t in tasks for c in t}   # every file is checked here: a bad one stops the run before anything is written
     # all checks passed: from here on the folder is written
     if overwrite and not resume:
-        for p in [out/'metrics.json', out/'checkpoints', out/'figures']:
+        for p in [out/'metrics.json', out/'checkpoints', out/'figures', out/'skipped.txt']:
             if p.is_dir(): shutil.rmtree(p)
             elif p.exists(): p.unlink()
     out.mkdir(parents=True, exist_ok=True); (out/'figures').mkdir(exist_ok=True)
     log = _run_logger(out)
     if not resume:
         save_config(cfg, out/'config.json')
-        atomic_write_text(out/'run.json', json.dumps({'data_root': str(data_root), 'dataset': dataset, 'tasks': tasks}, indent=2))
-    cache = FeatureCache(cfg.cache_dir)
-    ds_cls, kw = DATASETS[dataset], dict(resize=cfg.image_size, crop=cfg.crop_size)
-    data = {c: ClassData(c, ds_cls(data_root, c, split='train', **kw), ds_cls(data_root, c, split='test', **kw), cache, extractor, progress)
-            for t in tasks for c in t}
+        atomic_write_text(out/'run.json', json.dumps({'data_root': str(data_root), 'dataset': dataset, 'tasks': tasks,
+                                                      'skip_bad': skip_bad}, indent=2))
+    if skipped := skipped_files(data):
+        write_skipped(out/'skipped.txt', skipped)
+        log.info(f"skipped {len(skipped)} bad file(s), listed in {out/'skipped.txt'}")
     trainer = ContinualTrainer(cfg, progress=progress, log=log)
     rows, train_s, infer_ms, maps = [], [], [], None
     if last_ckpt is not None:
@@ -423,6 +439,7 @@ def summarize(rows, tasks, trainer, data, train_s, infer_ms) -> dict:
         'params': {'shared': int(counts['shared']), 'per_task': {str(k): int(v) for k, v in counts['per_task'].items()}},
         'history': trainer.history,
         'thresholds': trainer.thresholds,
+        'skipped': len(skipped_files(data)),
     }
 
 # %% ../nbs/03_continual_trainer.ipynb #3651b911
@@ -471,18 +488,20 @@ def load_run(run_dir, progress: bool = True):
     ck = torch.load(ckpts[-1], weights_only=False)
     return cfg, saved, ContinualTrainer(cfg, progress=progress).load_state_dict(ck['trainer'])
 
-def evaluate_run(run_dir, data_root=None, progress: bool = True) -> dict:
-    "Re-evaluate a trained run from its last checkpoint; returns the final per-class metrics and their mean."
+def evaluate_run(run_dir, data_root=None, progress: bool = True, skip_bad: bool = False) -> dict:
+    "Re-evaluate a trained run from its last checkpoint; returns the final per-class metrics, their mean and the skipped files."
     cfg, saved, trainer = load_run(run_dir, progress)
     tasks, data_root = saved['tasks'], Path(data_root or saved['data_root'])
     _check_tasks(data_root, tasks, saved['dataset'])
     upto = trainer.num_tasks - 1
     extractor = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
     cache, ds_cls = FeatureCache(cfg.cache_dir), DATASETS[saved['dataset']]
-    kw = dict(resize=cfg.image_size, crop=cfg.crop_size)
+    kw = dict(resize=cfg.image_size, crop=cfg.crop_size, skip_bad=skip_bad)
     data = {c: ClassData(c, None, ds_cls(data_root, c, split='test', **kw), cache, extractor, progress)
             for t in tasks[:upto + 1] for c in t}
     per_class, _, ms = evaluate_seen(trainer, data, tasks, upto, cfg)
+    skipped = skipped_files(data)
     return {'tasks': tasks[:upto + 1], 'final': per_class,
             'mean': {k: float(np.nanmean([per_class[c][k] for c in per_class])) for k in METRICS},
-            'inference_ms_per_image': ms}
+            'inference_ms_per_image': ms, 'skipped': len(skipped),
+            'skipped_files': [[str(p), why] for p, why in skipped]}
