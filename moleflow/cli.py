@@ -9,8 +9,8 @@ from pathlib import Path
 from .config import MoLEConfig, make_config, load_config, parse_overrides, PRESETS
 
 # %% auto #0
-__all__ = ['DEMO_TASKS', 'build_parser', 'config_from_args', 'parse_tasks', 'cmd_train', 'cmd_eval', 'cmd_make_data', 'cmd_demo',
-           'cmd_predict', 'cmd_sweep', 'main']
+__all__ = ['DEMO_TASKS', 'FOLDER_OPTIONS', 'build_parser', 'config_from_args', 'folder_layout', 'parse_tasks', 'cmd_train',
+           'cmd_eval', 'cmd_make_data', 'cmd_demo', 'cmd_predict', 'cmd_sweep', 'main']
 
 # %% ../nbs/08a_cli.ipynb #e72f5349
 DEMO_TASKS = [['fabric'], ['screw'], ['wood'], ['pill']]   # textures and objects mixed
@@ -25,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser('train', help='train a task sequence and evaluate it')
     t.add_argument('--data-root', required=True, help='folder with one sub-folder per class (MVTec AD layout)')
     t.add_argument('--tasks', nargs='+', required=True, help="classes in order; 'a+b' puts several classes in one task")
-    t.add_argument('--dataset', default='mvtec', choices=['mvtec', 'mpdd', 'visa'])
+    t.add_argument('--dataset', default='mvtec', choices=['mvtec', 'mpdd', 'visa', 'folder'],
+                   help="'folder': your own images, one folder per class in anomalib's Folder layout (the four options below)")
+    t.add_argument('--normal-dir', help="--dataset folder: normal images, relative to each class folder (default: good)")
+    t.add_argument('--abnormal-dir', nargs='+', help='--dataset folder: anomalous test images, one folder per defect (default: every other sub-folder)')
+    t.add_argument('--mask-dir', help='--dataset folder: masks, matched by stem, in MASK_DIR/<defect>/ or MASK_DIR/ (default: mask)')
+    t.add_argument('--normal-test-dir', help='--dataset folder: normal test images (default: 20%% of the normal images, a seeded split)')
     t.add_argument('--out', required=True, help='run folder')
     t.add_argument('--resume', action='store_true', help='continue a killed run from its last checkpoint')
     t.add_argument('--overwrite', action='store_true', help='replace the results already in --out')
@@ -66,6 +71,16 @@ def config_from_args(args) -> MoLEConfig:
         return MoLEConfig(**{**base.__dict__, **overrides})
     return make_config(args.preset, overrides)
 
+FOLDER_OPTIONS = ('normal_dir', 'abnormal_dir', 'mask_dir', 'normal_test_dir')
+
+def folder_layout(args) -> dict | None:
+    "The `--dataset folder` layout options given (None for the other data sets, which refuse them)."
+    given = {k: getattr(args, k) for k in FOLDER_OPTIONS if getattr(args, k) is not None}
+    if args.dataset != 'folder':
+        if given: raise ValueError(f"--{next(iter(given)).replace('_', '-')} needs --dataset folder (got --dataset {args.dataset})")
+        return None
+    return given
+
 def parse_tasks(items) -> list[list[str]]:
     "`['a', 'b+c']` -> `[['a'], ['b', 'c']]`."
     return [[c for c in item.split('+') if c] for item in items]
@@ -75,7 +90,7 @@ def cmd_train(args):
     from moleflow.trainer import run_continual, markdown_table
     cfg = None if args.resume else config_from_args(args)
     m = run_continual(cfg, args.data_root, parse_tasks(args.tasks), args.out, dataset=args.dataset,
-                      resume=args.resume, overwrite=args.overwrite, skip_bad=args.skip_bad)
+                      resume=args.resume, overwrite=args.overwrite, skip_bad=args.skip_bad, dataset_kwargs=folder_layout(args))
     print(markdown_table(m)); print(f"\nrun folder: {args.out}")
     if m['skipped']: print(f"skipped {m['skipped']} bad file(s), listed in {Path(args.out)/'skipped.txt'}")
 

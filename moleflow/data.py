@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_SUFFIXES', 'DEFAULT_CLASSES', 'GENERATOR_VERSION', 'DataError',
            'MissingDataError', 'Sample', 'read_rgb', 'read_mask', 'transform_image', 'transform_mask', 'SampleDataset',
-           'find_mask', 'list_categories', 'MVTecDataset', 'MPDDDataset', 'VisADataset', 'FolderDataset',
+           'find_mask', 'list_categories', 'MVTecDataset', 'MPDDDataset', 'VisADataset', 'split_files', 'FolderDataset',
            'parse_scenario', 'make_task_sequence', 'TaskDataset', 'task_train_dataset', 'task_test_datasets',
-           'default_defects', 'render_sample', 'generate_default_dataset', 'denormalize']
+           'class_folder_dataset', 'default_defects', 'render_sample', 'generate_default_dataset', 'denormalize']
 
 # %% ../nbs/04_data.ipynb #6d7a476d
 import csv, json, math, shutil, warnings, zlib
@@ -277,10 +277,16 @@ class VisADataset(SampleDataset):
         super().__init__(samples, problems, resize, crop, normalize, skip_bad, where=f"{csv_path} ({category}, {split})")
 
 # %% ../nbs/04_data.ipynb #f538ec3c
+def split_files(files, ratio, seed, split) -> list:
+    "The `split` part ('train' or 'test') of a seeded random split of `files` that puts `ratio` of them in 'test' (order kept)."
+    if not 0 < ratio < 1: raise ValueError(f"normal_split_ratio must be in (0, 1), got {ratio!r}")
+    test = set(np.random.default_rng(seed).permutation(len(files))[:round(ratio * len(files))].tolist())
+    return [f for i, f in enumerate(files) if (i in test) == (split == 'test')]
+
 class FolderDataset(SampleDataset):
     "Your own images: normal images to train on; for testing, normal and anomalous folders plus masks matched by stem."
     def __init__(self, normal_dir, abnormal_dir=None, mask_dir=None, split='train', category='custom', resize=256, crop=224,
-                 normalize=True, skip_bad=False):
+                 normalize=True, skip_bad=False, normal_split_ratio=None, split_seed=0):
         _check_split(split)
         if split == 'train' and abnormal_dir is not None:
             raise ValueError("abnormal_dir must be None with split='train': training uses normal images only")
@@ -296,6 +302,7 @@ class FolderDataset(SampleDataset):
             if not d.is_dir(): raise MissingDataError(f"{d}: folder not found; expected {'anomalous' if label else 'normal'} images")
             images, bad = _files(d)
             if not images and not bad: raise DataError(f"{d}: empty; expected {'anomalous' if label else 'normal'} images")
+            if not label and normal_split_ratio is not None: images = split_files(images, normal_split_ratio, split_seed, split)
             problems += bad
             for p in images:
                 if not label: samples.append(Sample(p, None, 0, 'good', category)); continue
@@ -358,6 +365,24 @@ def task_train_dataset(root, task_classes, dataset_cls=MVTecDataset, **kwargs) -
 def task_test_datasets(root, task_classes, dataset_cls=MVTecDataset, **kwargs) -> dict:
     "Test data of one task, one data set per class: each class is evaluated on its own."
     return {c: dataset_cls(root, c, split='test', **kwargs) for c in task_classes}
+
+# %% ../nbs/04_data.ipynb #ebcec367
+def class_folder_dataset(root, category, split='train', normal_dir='good', abnormal_dir=None, mask_dir='mask', normal_test_dir=None,
+                         normal_split_ratio=0.2, split_seed=0, **kwargs):
+    "Class `category` of `root` in anomalib's Folder layout: a `FolderDataset` (train) or a `TaskDataset` of them (test)."
+    _check_split(split)
+    cdir = _category_dir(root, category)
+    split_kw = dict(normal_split_ratio=normal_split_ratio, split_seed=split_seed) if normal_test_dir is None else {}
+    if split == 'train': return FolderDataset(cdir / normal_dir, split='train', category=category, **split_kw, **kwargs)
+    if abnormal_dir is None:
+        taken = {Path(d).parts[0] for d in (normal_dir, mask_dir, normal_test_dir) if d}
+        abnormal_dir = [p.name for p in sorted(cdir.iterdir()) if p.is_dir() and not p.name.startswith('.') and p.name not in taken]
+    abnormal = [abnormal_dir] if isinstance(abnormal_dir, str) else list(abnormal_dir)
+    masks = [cdir / mask_dir / Path(d).name if (cdir / mask_dir / Path(d).name).is_dir() else cdir / mask_dir for d in abnormal]
+    first = FolderDataset(cdir / (normal_test_dir or normal_dir), cdir / abnormal[0] if abnormal else None, masks[0] if abnormal else None,
+                          split='test', category=category, **split_kw, **kwargs)
+    return TaskDataset([first] + [FolderDataset(None, cdir / d, m, split='test', category=category, **kwargs)
+                                  for d, m in zip(abnormal[1:], masks[1:])])
 
 # %% ../nbs/04_data.ipynb #ab3bccb6
 def _coords(S):

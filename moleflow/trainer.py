@@ -209,11 +209,11 @@ def load_trainer_state(self: ContinualTrainer, state: dict):
 ContinualTrainer.state_dict, ContinualTrainer.load_state_dict = trainer_state, load_trainer_state
 
 # %% ../nbs/03_continual_trainer.ipynb #7fff337f
-from .data import MVTecDataset, MPDDDataset, VisADataset, list_categories
+from .data import MVTecDataset, MPDDDataset, VisADataset, class_folder_dataset, list_categories
 from .features import get_backbone, FeatureCache
 from .evaluation import anomaly_maps, image_scores, evaluate_task, forgetting, bwt, plot_result_matrix, plot_anomaly_grid
 
-DATASETS = {'mvtec': MVTecDataset, 'mpdd': MPDDDataset, 'visa': VisADataset}
+DATASETS = {'mvtec': MVTecDataset, 'mpdd': MPDDDataset, 'visa': VisADataset, 'folder': class_folder_dataset}
 METRICS = ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max', 'routing_acc')
 
 class RunError(ValueError):
@@ -353,7 +353,7 @@ def _run_logger(out: Path):
 # %% ../nbs/03_continual_trainer.ipynb #c8056d01
 def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvtec', resume: bool = False,
                   overwrite: bool = False, progress: bool = True, figures: bool = True, on_task_end=None,
-                  skip_bad: bool = False) -> dict:
+                  skip_bad: bool = False, dataset_kwargs: dict | None = None) -> dict:
     "Train `tasks` (lists of class names) one after another on `data_root`, evaluating after each; write the run to `out`."
     out = Path(out)
     last_ckpt = _check_run_dir(out, resume, overwrite)
@@ -361,13 +361,13 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
         saved = json.loads((out/'run.json').read_text())
         cfg, tasks, dataset = load_config(out/'config.json'), saved['tasks'], saved['dataset']
         data_root = Path(data_root) if data_root is not None else Path(saved['data_root'])
-        skip_bad = skip_bad or saved.get('skip_bad', False)
+        skip_bad, dataset_kwargs = skip_bad or saved.get('skip_bad', False), saved.get('dataset_kwargs')
     data_root = Path(data_root)
     tasks = [list(t) for t in tasks]
     _check_tasks(data_root, tasks, dataset)
     extractor = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
     cache = FeatureCache(cfg.cache_dir)
-    ds_cls, kw = DATASETS[dataset], dict(resize=cfg.image_size, crop=cfg.crop_size, skip_bad=skip_bad)
+    ds_cls, kw = DATASETS[dataset], dict(resize=cfg.image_size, crop=cfg.crop_size, skip_bad=skip_bad, **(dataset_kwargs or {}))
     data = {c: ClassData(c, ds_cls(data_root, c, split='train', **kw), ds_cls(data_root, c, split='test', **kw), cache, extractor, progress)
             for t in tasks for c in t}   # every file is checked here: a bad one stops the run before anything is written
     # all checks passed: from here on the folder is written
@@ -380,7 +380,7 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
     if not resume:
         save_config(cfg, out/'config.json')
         atomic_write_text(out/'run.json', json.dumps({'data_root': str(data_root), 'dataset': dataset, 'tasks': tasks,
-                                                      'skip_bad': skip_bad}, indent=2))
+                                                      'skip_bad': skip_bad, 'dataset_kwargs': dataset_kwargs}, indent=2))
     if skipped := skipped_files(data):
         write_skipped(out/'skipped.txt', skipped)
         log.info(f"skipped {len(skipped)} bad file(s), listed in {out/'skipped.txt'}")
@@ -496,7 +496,7 @@ def evaluate_run(run_dir, data_root=None, progress: bool = True, skip_bad: bool 
     upto = trainer.num_tasks - 1
     extractor = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
     cache, ds_cls = FeatureCache(cfg.cache_dir), DATASETS[saved['dataset']]
-    kw = dict(resize=cfg.image_size, crop=cfg.crop_size, skip_bad=skip_bad)
+    kw = dict(resize=cfg.image_size, crop=cfg.crop_size, skip_bad=skip_bad, **(saved.get('dataset_kwargs') or {}))
     data = {c: ClassData(c, None, ds_cls(data_root, c, split='test', **kw), cache, extractor, progress)
             for t in tasks[:upto + 1] for c in t}
     per_class, _, ms = evaluate_seen(trainer, data, tasks, upto, cfg)
