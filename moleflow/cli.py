@@ -7,10 +7,11 @@ from __future__ import annotations
 import argparse, json, sys, time
 from pathlib import Path
 from .config import MoLEConfig, make_config, load_config, parse_overrides, PRESETS
+from .data import SCENARIOS, get_scenario
 
 # %% auto #0
-__all__ = ['DEMO_TASKS', 'FOLDER_OPTIONS', 'build_parser', 'config_from_args', 'folder_layout', 'parse_tasks', 'cmd_train',
-           'cmd_eval', 'cmd_make_data', 'cmd_demo', 'cmd_predict', 'cmd_sweep', 'main']
+__all__ = ['DEMO_TASKS', 'FOLDER_OPTIONS', 'build_parser', 'config_from_args', 'folder_layout', 'tasks_from_args', 'parse_tasks',
+           'cmd_train', 'cmd_eval', 'cmd_make_data', 'cmd_demo', 'cmd_predict', 'cmd_sweep', 'main']
 
 # %% ../nbs/08a_cli.ipynb #e72f5349
 DEMO_TASKS = [['fabric'], ['screw'], ['wood'], ['pill']]   # textures and objects mixed
@@ -24,9 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE', help='override a config field')
     t = sub.add_parser('train', help='train a task sequence and evaluate it')
     t.add_argument('--data-root', required=True, help='folder with one sub-folder per class (MVTec AD layout)')
-    t.add_argument('--tasks', nargs='+', required=True, help="classes in order; 'a+b' puts several classes in one task")
-    t.add_argument('--dataset', default='mvtec', choices=['mvtec', 'mpdd', 'visa', 'folder'],
-                   help="'folder': your own images, one folder per class in anomalib's Folder layout (the four options below)")
+    which = t.add_mutually_exclusive_group(required=True)
+    which.add_argument('--tasks', nargs='+', help="classes in order; 'a+b' puts several classes in one task")
+    which.add_argument('--scenario', help=f"a protocol of the literature by name (notebook 04): {', '.join(SCENARIOS)}")
+    t.add_argument('--dataset', choices=['mvtec', 'mpdd', 'visa', 'folder'],
+                   help="default mvtec (or the scenario's); 'folder': your own images, one folder per class in anomalib's Folder layout (the four options below)")
     t.add_argument('--normal-dir', help="--dataset folder: normal images, relative to each class folder (default: good)")
     t.add_argument('--abnormal-dir', nargs='+', help='--dataset folder: anomalous test images, one folder per defect (default: every other sub-folder)')
     t.add_argument('--mask-dir', help='--dataset folder: masks, matched by stem, in MASK_DIR/<defect>/ or MASK_DIR/ (default: mask)')
@@ -73,13 +76,21 @@ def config_from_args(args) -> MoLEConfig:
 
 FOLDER_OPTIONS = ('normal_dir', 'abnormal_dir', 'mask_dir', 'normal_test_dir')
 
-def folder_layout(args) -> dict | None:
+def folder_layout(args, dataset: str) -> dict | None:
     "The `--dataset folder` layout options given (None for the other data sets, which refuse them)."
     given = {k: getattr(args, k) for k in FOLDER_OPTIONS if getattr(args, k) is not None}
-    if args.dataset != 'folder':
-        if given: raise ValueError(f"--{next(iter(given)).replace('_', '-')} needs --dataset folder (got --dataset {args.dataset})")
+    if dataset != 'folder':
+        if given: raise ValueError(f"--{next(iter(given)).replace('_', '-')} needs --dataset folder (got --dataset {dataset})")
         return None
     return given
+
+def tasks_from_args(args) -> tuple[list[list[str]], str]:
+    "The task list and data set of `--tasks`/`--scenario` and `--dataset` (a scenario names its data set)."
+    if args.scenario is None: return parse_tasks(args.tasks), args.dataset or 'mvtec'
+    s = get_scenario(args.scenario)
+    if args.dataset not in (None, s.dataset):
+        raise ValueError(f"--scenario {args.scenario} is a {s.dataset} protocol; drop --dataset {args.dataset} or use --tasks")
+    return s.tasks, s.dataset
 
 def parse_tasks(items) -> list[list[str]]:
     "`['a', 'b+c']` -> `[['a'], ['b', 'c']]`."
@@ -89,8 +100,9 @@ def parse_tasks(items) -> list[list[str]]:
 def cmd_train(args):
     from moleflow.trainer import run_continual, markdown_table
     cfg = None if args.resume else config_from_args(args)
-    m = run_continual(cfg, args.data_root, parse_tasks(args.tasks), args.out, dataset=args.dataset,
-                      resume=args.resume, overwrite=args.overwrite, skip_bad=args.skip_bad, dataset_kwargs=folder_layout(args))
+    tasks, dataset = tasks_from_args(args)
+    m = run_continual(cfg, args.data_root, tasks, args.out, dataset=dataset, resume=args.resume, overwrite=args.overwrite,
+                      skip_bad=args.skip_bad, dataset_kwargs=folder_layout(args, dataset), scenario=args.scenario)
     print(markdown_table(m)); print(f"\nrun folder: {args.out}")
     if m['skipped']: print(f"skipped {m['skipped']} bad file(s), listed in {Path(args.out)/'skipped.txt'}")
 

@@ -211,7 +211,7 @@ ContinualTrainer.state_dict, ContinualTrainer.load_state_dict = trainer_state, l
 # %% ../nbs/03_continual_trainer.ipynb #7fff337f
 from .data import MVTecDataset, MPDDDataset, VisADataset, class_folder_dataset, list_categories
 from .features import get_backbone, FeatureCache
-from .evaluation import anomaly_maps, image_scores, evaluate_task, forgetting, bwt, plot_result_matrix, plot_anomaly_grid
+from .evaluation import anomaly_maps, image_scores, evaluate_task, final_average, forgetting, bwt, plot_result_matrix, plot_anomaly_grid
 
 DATASETS = {'mvtec': MVTecDataset, 'mpdd': MPDDDataset, 'visa': VisADataset, 'folder': class_folder_dataset}
 METRICS = ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max', 'routing_acc')
@@ -353,7 +353,7 @@ def _run_logger(out: Path):
 # %% ../nbs/03_continual_trainer.ipynb #c8056d01
 def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvtec', resume: bool = False,
                   overwrite: bool = False, progress: bool = True, figures: bool = True, on_task_end=None,
-                  skip_bad: bool = False, dataset_kwargs: dict | None = None) -> dict:
+                  skip_bad: bool = False, dataset_kwargs: dict | None = None, scenario: str | None = None) -> dict:
     "Train `tasks` (lists of class names) one after another on `data_root`, evaluating after each; write the run to `out`."
     out = Path(out)
     last_ckpt = _check_run_dir(out, resume, overwrite)
@@ -362,6 +362,7 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
         cfg, tasks, dataset = load_config(out/'config.json'), saved['tasks'], saved['dataset']
         data_root = Path(data_root) if data_root is not None else Path(saved['data_root'])
         skip_bad, dataset_kwargs = skip_bad or saved.get('skip_bad', False), saved.get('dataset_kwargs')
+        scenario = saved.get('scenario')
     data_root = Path(data_root)
     tasks = [list(t) for t in tasks]
     _check_tasks(data_root, tasks, dataset)
@@ -380,7 +381,8 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
     if not resume:
         save_config(cfg, out/'config.json')
         atomic_write_text(out/'run.json', json.dumps({'data_root': str(data_root), 'dataset': dataset, 'tasks': tasks,
-                                                      'skip_bad': skip_bad, 'dataset_kwargs': dataset_kwargs}, indent=2))
+                                                      'skip_bad': skip_bad, 'dataset_kwargs': dataset_kwargs,
+                                                      'scenario': scenario}, indent=2))
     if skipped := skipped_files(data):
         write_skipped(out/'skipped.txt', skipped)
         log.info(f"skipped {len(skipped)} bad file(s), listed in {out/'skipped.txt'}")
@@ -412,6 +414,7 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
                      'config': asdict(cfg), 'tasks': tasks, 'rows': rows, 'train_s': train_s, 'infer_ms': infer_ms})
         if on_task_end is not None: on_task_end(t)
     metrics = summarize(rows, tasks, trainer, data, train_s, infer_ms)
+    metrics['protocol']['scenario'] = scenario
     if maps is None: _, maps, _ = evaluate_seen(trainer, data, tasks, len(tasks) - 1, cfg)   # resumed after the last task
     if figures: write_figures(out/'figures', metrics, trainer, data, maps, tasks)
     atomic_write_text(out/'metrics.json', json.dumps(metrics, indent=2))
@@ -440,6 +443,10 @@ def summarize(rows, tasks, trainer, data, train_s, infer_ms) -> dict:
         'history': trainer.history,
         'thresholds': trainer.thresholds,
         'skipped': len(skipped_files(data)),
+        'protocol': {'final_average': {k: float(final_average(_mat(k))) for k in METRICS},   # the papers' names (below)
+                     'FM': {k: float(forgetting(_mat(k))) if T > 1 else 0.0 for k in METRICS},
+                     'BWT': {k: float(bwt(_mat(k))) if T > 1 else 0.0 for k in METRICS},
+                     'ACC': {k: float(final_average(_mat(k))) for k in METRICS}},
     }
 
 # %% ../nbs/03_continual_trainer.ipynb #3651b911
