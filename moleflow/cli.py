@@ -103,16 +103,18 @@ def cmd_train(args):
     tasks, dataset = tasks_from_args(args)
     m = run_continual(cfg, args.data_root, tasks, args.out, dataset=dataset, resume=args.resume, overwrite=args.overwrite,
                       skip_bad=args.skip_bad, dataset_kwargs=folder_layout(args, dataset), scenario=args.scenario)
-    print(markdown_table(m)); print(f"\nrun folder: {args.out}")
+    print(markdown_table(m)); print(f"\nrun folder: {args.out} (report: {Path(args.out)/'report.html'})")
     if m['skipped']: print(f"skipped {m['skipped']} bad file(s), listed in {Path(args.out)/'skipped.txt'}")
 
 def cmd_eval(args):
     from moleflow.trainer import evaluate_run, write_skipped
     from moleflow.config import atomic_write_text
+    from moleflow.report import write_report
     out = Path(args.run)/'eval_metrics.json'
     if out.exists() and not args.overwrite: raise FileExistsError(f"{out} exists; use --overwrite to replace it")
     m = evaluate_run(args.run, args.data_root, skip_bad=args.skip_bad)
     atomic_write_text(out, json.dumps(m, indent=2))
+    write_report(args.run, m, 'eval_report.html')
     if m['skipped']:
         write_skipped(Path(args.run)/'eval_skipped.txt', m['skipped_files'])
         print(f"skipped {m['skipped']} bad file(s), listed in {Path(args.run)/'eval_skipped.txt'}")

@@ -211,6 +211,7 @@ ContinualTrainer.state_dict, ContinualTrainer.load_state_dict = trainer_state, l
 # %% ../nbs/03_continual_trainer.ipynb #7fff337f
 from .data import MVTecDataset, MPDDDataset, VisADataset, class_folder_dataset, list_categories
 from .features import get_backbone, FeatureCache
+from .report import write_report
 from .evaluation import anomaly_maps, image_scores, evaluate_task, final_average, forgetting, bwt, plot_result_matrix, plot_anomaly_grid
 
 DATASETS = {'mvtec': MVTecDataset, 'mpdd': MPDDDataset, 'visa': VisADataset, 'folder': class_folder_dataset}
@@ -418,7 +419,8 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
     if maps is None: _, maps, _ = evaluate_seen(trainer, data, tasks, len(tasks) - 1, cfg)   # resumed after the last task
     if figures: write_figures(out/'figures', metrics, trainer, data, maps, tasks)
     atomic_write_text(out/'metrics.json', json.dumps(metrics, indent=2))
-    log.info('metrics written')
+    write_report(out, metrics)
+    log.info('metrics and report.html written')
     return metrics
 
 # %% ../nbs/03_continual_trainer.ipynb #b768f2fe
