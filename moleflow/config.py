@@ -108,6 +108,9 @@ class MoLEConfig:
     no_scale_context: bool = False
     no_tail_loss: bool = False
     no_logdet_reg: bool = False
+    # decision thresholds of `moleflow predict` (notebook 03b)
+    threshold_holdout: float = 0.0  # fraction of each class's train/good held out of training to calibrate the threshold; 0: calibrate on the training images (metrics unchanged)
+    threshold_quantile: float = 0.99  # a task's threshold: this quantile of the image scores of its normal images
 
     def __post_init__(self): self.apply_ablations().validate()
 
@@ -147,6 +150,10 @@ class MoLEConfig:
         if not 0 <= self.slow_stage_fraction < 1:
             raise ValueError(f"config field 'slow_stage_fraction' must be in [0, 1), got {self.slow_stage_fraction}")
         self._validate_variants()
+        if not 0 <= self.threshold_holdout < 1:
+            raise ValueError(f"config field 'threshold_holdout' must be in [0, 1), got {self.threshold_holdout}")
+        if not 0 < self.threshold_quantile <= 1:
+            raise ValueError(f"config field 'threshold_quantile' must be in (0, 1], got {self.threshold_quantile}")
         return self
 
     def _validate_variants(self):

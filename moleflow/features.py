@@ -368,10 +368,14 @@ class FeatureCache:
                               n=n, shape=list(feats.shape))
         return feats
 
+    def as_stored(self, feats:torch.Tensor) -> torch.Tensor:
+        "`feats` at the precision the cache stores (and so returns) them: `store_dtype`, float32 where float16 overflows."
+        stored = feats.half() if self.store_dtype == 'float16' else feats
+        return stored if torch.isfinite(stored).all() else feats
+
     def _write(self, key, feats, extractor, dataset, seconds):
         self.root.mkdir(parents=True, exist_ok=True)
-        stored = feats.half() if self.store_dtype == 'float16' else feats
-        if not torch.isfinite(stored).all(): stored = feats  # float16 overflow: keep float32
+        stored = self.as_stored(feats)
         _atomic_write(self.root / f'{key}.safetensors', lambda p: save_file({'features': stored.contiguous()}, p, metadata={'key': key}))
         man = dict(key=key, shape=list(feats.shape), stored_dtype=str(stored.dtype).removeprefix('torch.'),
                    backbone=extractor.spec, transform=dataset.transform_spec, n=len(dataset), extract_seconds=round(seconds, 3),

@@ -17,8 +17,9 @@ from .router import PrototypeRouter
 # %% auto #0
 __all__ = ['DATASETS', 'METRICS', 'flow_loss', 'lr_factor', 'NonFiniteLossError', 'ContinualTrainer', 'build_flow',
            'context_record', 'task_epochs', 'train_task', 'nll_maps', 'route', 'trainer_state', 'load_trainer_state',
-           'RunError', 'ClassData', 'evaluate_seen', 'task_means', 'run_continual', 'summarize', 'markdown_table',
-           'write_figures', 'evaluate_run']
+           'RunError', 'ClassData', 'skipped_files', 'write_skipped', 'score_features', 'evaluate_seen', 'task_means',
+           'holdout_split', 'normal_threshold', 'run_continual', 'summarize', 'markdown_table', 'write_figures',
+           'load_run', 'evaluate_run']
 
 # %% ../nbs/03_continual_trainer.ipynb #821373e8
 def flow_loss(z, logdet, cfg: MoLEConfig):
@@ -56,6 +57,7 @@ class ContinualTrainer:
         self.flow = build_flow(cfg)
         self.router = PrototypeRouter(metric='euclidean' if cfg.router == 'euclidean' else 'mahalanobis')
         self.num_tasks, self.history = 0, []   # history: one list of epoch records per task
+        self.thresholds = []                   # decision thresholds: one record per task (`normal_threshold`, run_continual)
 
     def _check_task(self, task):
         if not (isinstance(task, int) and 0 <= task < self.num_tasks):
@@ -203,7 +205,7 @@ ContinualTrainer.nll_maps, ContinualTrainer.route = nll_maps, route
 # %% ../nbs/03_continual_trainer.ipynb #a5aee1a1
 def trainer_state(self: ContinualTrainer) -> dict:
     return {'num_tasks': self.num_tasks, 'flow': self.flow.state_dict(), 'router': self.router.state_dict(),
-            'history': self.history}
+            'history': self.history, 'thresholds': self.thresholds}
 
 def load_trainer_state(self: ContinualTrainer, state: dict):
     for t in range(self.num_tasks, state['num_tasks']): self.flow.add_task(t)
@@ -212,17 +214,19 @@ def load_trainer_state(self: ContinualTrainer, state: dict):
     if self.num_tasks > 1: self.flow.freeze_shared()
     self.router.load_state_dict(state['router'])
     self.history = copy.deepcopy(state['history'])
+    self.thresholds = copy.deepcopy(state.get('thresholds', []))   # checkpoints written before thresholds have none
     self.flow.eval()
     return self
 
 ContinualTrainer.state_dict, ContinualTrainer.load_state_dict = trainer_state, load_trainer_state
 
 # %% ../nbs/03_continual_trainer.ipynb #7fff337f
-from .data import MVTecDataset, MPDDDataset, VisADataset, list_categories
+from .data import MVTecDataset, MPDDDataset, VisADataset, class_folder_dataset, list_categories
 from .features import get_backbone, FeatureCache
-from .evaluation import anomaly_maps, image_scores, evaluate_task, forgetting, bwt, plot_result_matrix, plot_anomaly_grid
+from .report import write_report
+from .evaluation import anomaly_maps, image_scores, evaluate_task, final_average, forgetting, bwt, plot_result_matrix, plot_anomaly_grid
 
-DATASETS = {'mvtec': MVTecDataset, 'mpdd': MPDDDataset, 'visa': VisADataset}
+DATASETS = {'mvtec': MVTecDataset, 'mpdd': MPDDDataset, 'visa': VisADataset, 'folder': class_folder_dataset}
 METRICS = ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max', 'routing_acc')
 
 class RunError(ValueError):
@@ -289,7 +293,21 @@ class ClassData:
             self._gt = torch.stack(masks), torch.tensor(labels)
         return self._gt
 
+# %% ../nbs/03_continual_trainer.ipynb #cc12377c
+def skipped_files(data: dict) -> list:
+    "The `(path, reason)` pairs every data set of `data` (class name -> ClassData) skipped."
+    return [(p, why) for d in data.values() for ds in (d.train_ds, d.test_ds) if ds is not None for p, why in ds.skipped]
+
+def write_skipped(path: Path, skipped):
+    "List skipped files, one `path<TAB>reason` line each, atomically."
+    atomic_write_text(path, ''.join(f"{p}\t{why}\n" for p, why in skipped))
+
 # %% ../nbs/03_continual_trainer.ipynb #1384bfa3
+def score_features(trainer: ContinualTrainer, feats: torch.Tensor, tasks, cfg: MoLEConfig):
+    "Anomaly maps `(N,S,S)` and image scores `(N,)` of features `(N,H,W,D)` through the experts `tasks`: the one scoring of eval and predict."
+    maps = anomaly_maps(trainer.nll_maps(feats, tasks), cfg.crop_size, sigma=cfg.blur_sigma)
+    return maps, image_scores(maps, cfg.score_aggregation, cfg.score_param)
+
 def evaluate_seen(trainer: ContinualTrainer, data: dict, tasks, upto: int, cfg: MoLEConfig):
     "Metrics of every class in tasks `0..upto` with routed (or oracle) task ids; also returns the maps and timing."
     per_class, maps_out, n_img, secs = {}, {}, 0, 0.0
@@ -300,9 +318,7 @@ def evaluate_seen(trainer: ContinualTrainer, data: dict, tasks, upto: int, cfg: 
             masks, labels = d.ground_truth
             t0 = time.time()
             routed = torch.full((len(feats),), t) if cfg.router == 'oracle' else trainer.route(feats)
-            nll = trainer.nll_maps(feats, routed)
-            maps = anomaly_maps(nll, cfg.crop_size, sigma=cfg.blur_sigma)
-            scores = image_scores(maps, cfg.score_aggregation, cfg.score_param)
+            maps, scores = score_features(trainer, feats, routed, cfg)
             secs += time.time() - t0; n_img += len(feats)
             m = evaluate_task(maps, masks, labels, scores)
             m['routing_acc'] = float((routed == t).float().mean())
@@ -313,6 +329,23 @@ def evaluate_seen(trainer: ContinualTrainer, data: dict, tasks, upto: int, cfg: 
 def task_means(per_class: dict, tasks, upto: int) -> dict:
     "Each task's metrics: the mean over its classes."
     return {t: {k: float(np.nanmean([per_class[c][k] for c in tasks[t]])) for k in METRICS} for t in range(upto + 1)}
+
+# %% ../nbs/03_continual_trainer.ipynb #d0c3c14d
+def holdout_split(feats: torch.Tensor, fraction: float, gen: torch.Generator, name: str = ''):
+    "One class's training features split into (fit, held out): a random `fraction` (drawn with `gen`) held out; none when 0."
+    if fraction == 0: return feats, feats[:0]
+    n_held = max(1, round(fraction * len(feats)))
+    if len(feats) - n_held < 2:
+        raise RunError(f"threshold_holdout={fraction} leaves {len(feats) - n_held} of the {len(feats)} training images of "
+                       f"{name!r} to train on; at least 2 are needed (lower threshold_holdout or set it to 0)")
+    order = torch.randperm(len(feats), generator=gen)
+    return feats[order[n_held:].sort().values], feats[order[:n_held].sort().values]
+
+def normal_threshold(trainer: ContinualTrainer, feats: torch.Tensor, task: int, cfg: MoLEConfig, source: str) -> dict:
+    "Task `task`'s decision threshold: the `threshold_quantile` of the scores of normal features `feats` through its expert."
+    maps, scores = score_features(trainer, feats, torch.full((len(feats),), task), cfg)
+    return {'task': task, 'threshold': float(torch.quantile(scores.double(), cfg.threshold_quantile)),
+            'quantile': cfg.threshold_quantile, 'source': source, 'n_images': len(feats), 'map_median': float(maps.median())}
 
 # %% ../nbs/03_continual_trainer.ipynb #a4b5cc77
 def _checkpoint(path: Path, payload: dict):
@@ -332,7 +365,8 @@ def _run_logger(out: Path):
 
 # %% ../nbs/03_continual_trainer.ipynb #c8056d01
 def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvtec', resume: bool = False,
-                  overwrite: bool = False, progress: bool = True, figures: bool = True, on_task_end=None) -> dict:
+                  overwrite: bool = False, progress: bool = True, figures: bool = True, on_task_end=None,
+                  skip_bad: bool = False, dataset_kwargs: dict | None = None, scenario: str | None = None) -> dict:
     "Train `tasks` (lists of class names) one after another on `data_root`, evaluating after each; write the run to `out`."
     out = Path(out)
     last_ckpt = _check_run_dir(out, resume, overwrite)
@@ -340,24 +374,31 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
         saved = json.loads((out/'run.json').read_text())
         cfg, tasks, dataset = load_config(out/'config.json'), saved['tasks'], saved['dataset']
         data_root = Path(data_root) if data_root is not None else Path(saved['data_root'])
+        skip_bad, dataset_kwargs = skip_bad or saved.get('skip_bad', False), saved.get('dataset_kwargs')
+        scenario = saved.get('scenario')
     data_root = Path(data_root)
     tasks = [list(t) for t in tasks]
     _check_tasks(data_root, tasks, dataset)
     extractor = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
+    cache = FeatureCache(cfg.cache_dir)
+    ds_cls, kw = DATASETS[dataset], dict(resize=cfg.image_size, crop=cfg.crop_size, skip_bad=skip_bad, **(dataset_kwargs or {}))
+    data = {c: ClassData(c, ds_cls(data_root, c, split='train', **kw), ds_cls(data_root, c, split='test', **kw), cache, extractor, progress)
+            for t in tasks for c in t}   # every file is checked here: a bad one stops the run before anything is written
     # all checks passed: from here on the folder is written
     if overwrite and not resume:
-        for p in [out/'metrics.json', out/'checkpoints', out/'figures']:
+        for p in [out/'metrics.json', out/'checkpoints', out/'figures', out/'skipped.txt']:
             if p.is_dir(): shutil.rmtree(p)
             elif p.exists(): p.unlink()
     out.mkdir(parents=True, exist_ok=True); (out/'figures').mkdir(exist_ok=True)
     log = _run_logger(out)
     if not resume:
         save_config(cfg, out/'config.json')
-        atomic_write_text(out/'run.json', json.dumps({'data_root': str(data_root), 'dataset': dataset, 'tasks': tasks}, indent=2))
-    cache = FeatureCache(cfg.cache_dir)
-    ds_cls, kw = DATASETS[dataset], dict(resize=cfg.image_size, crop=cfg.crop_size)
-    data = {c: ClassData(c, ds_cls(data_root, c, split='train', **kw), ds_cls(data_root, c, split='test', **kw), cache, extractor, progress)
-            for t in tasks for c in t}
+        atomic_write_text(out/'run.json', json.dumps({'data_root': str(data_root), 'dataset': dataset, 'tasks': tasks,
+                                                      'skip_bad': skip_bad, 'dataset_kwargs': dataset_kwargs,
+                                                      'scenario': scenario}, indent=2))
+    if skipped := skipped_files(data):
+        write_skipped(out/'skipped.txt', skipped)
+        log.info(f"skipped {len(skipped)} bad file(s), listed in {out/'skipped.txt'}")
     trainer = ContinualTrainer(cfg, progress=progress, log=log)
     rows, train_s, infer_ms, maps = [], [], [], None
     if last_ckpt is not None:
@@ -367,11 +408,16 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
         log.info(f"resumed from {last_ckpt.name}: {trainer.num_tasks} task(s) done")
     for t in range(trainer.num_tasks, len(tasks)):
         name = '+'.join(tasks[t])
-        feats = torch.cat([data[c].train_features for c in tasks[t]])
-        classes = [c for c in tasks[t] for _ in range(len(data[c].train_features))]
+        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, t))
+        split = {c: holdout_split(data[c].train_features, cfg.threshold_holdout, gen, c) for c in tasks[t]}
+        feats = torch.cat([split[c][0] for c in tasks[t]])
+        classes = [c for c in tasks[t] for _ in range(len(split[c][0]))]
         t0 = time.time()
         opt = trainer.train_task(feats, classes=classes, task_name=name)
         train_s.append(time.time() - t0)
+        held = torch.cat([split[c][1] for c in tasks[t]])
+        trainer.thresholds.append(normal_threshold(trainer, held, t, cfg, 'held_out') if len(held) else
+                                  normal_threshold(trainer, feats, t, cfg, 'train'))
         per_class, maps, ms = evaluate_seen(trainer, data, tasks, t, cfg)
         infer_ms.append(ms)
         rows.append({'per_class': per_class, 'per_task': {str(k): v for k, v in task_means(per_class, tasks, t).items()}})
@@ -381,10 +427,12 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
                      'config': asdict(cfg), 'tasks': tasks, 'rows': rows, 'train_s': train_s, 'infer_ms': infer_ms})
         if on_task_end is not None: on_task_end(t)
     metrics = summarize(rows, tasks, trainer, data, train_s, infer_ms)
+    metrics['protocol']['scenario'] = scenario
     if maps is None: _, maps, _ = evaluate_seen(trainer, data, tasks, len(tasks) - 1, cfg)   # resumed after the last task
     if figures: write_figures(out/'figures', metrics, trainer, data, maps, tasks)
     atomic_write_text(out/'metrics.json', json.dumps(metrics, indent=2))
-    log.info('metrics written')
+    write_report(out, metrics)
+    log.info('metrics and report.html written')
     return metrics
 
 # %% ../nbs/03_continual_trainer.ipynb #b768f2fe
@@ -407,6 +455,12 @@ def summarize(rows, tasks, trainer, data, train_s, infer_ms) -> dict:
                    'inference_ms_per_image': float(np.mean(infer_ms)) if infer_ms else None},
         'params': {'shared': int(counts['shared']), 'per_task': {str(k): int(v) for k, v in counts['per_task'].items()}},
         'history': trainer.history,
+        'thresholds': trainer.thresholds,
+        'skipped': len(skipped_files(data)),
+        'protocol': {'final_average': {k: float(final_average(_mat(k))) for k in METRICS},   # the papers' names (below)
+                     'FM': {k: float(forgetting(_mat(k))) if T > 1 else 0.0 for k in METRICS},
+                     'BWT': {k: float(bwt(_mat(k))) if T > 1 else 0.0 for k in METRICS},
+                     'ACC': {k: float(final_average(_mat(k))) for k in METRICS}},
     }
 
 # %% ../nbs/03_continual_trainer.ipynb #3651b911
@@ -445,24 +499,30 @@ def write_figures(fig_dir: Path, metrics: dict, trainer, data: dict, maps: dict,
     fig.tight_layout(); fig.savefig(fig_dir/'loss_curves.png', dpi=100); plt.close(fig)
 
 # %% ../nbs/03_continual_trainer.ipynb #180798c9
-def evaluate_run(run_dir, data_root=None, progress: bool = True) -> dict:
-    "Re-evaluate a trained run from its last checkpoint; returns the final per-class metrics and their mean."
+def load_run(run_dir, progress: bool = True):
+    "The config, the `run.json` record and the trainer (from the last checkpoint) of a run folder."
     run_dir = Path(run_dir)
     ckpts = sorted((run_dir/'checkpoints').glob('task_*.pt'))
     if not ckpts: raise RunError(f"no checkpoint in {run_dir/'checkpoints'}: is {run_dir} a moleflow run folder?")
     saved = json.loads((run_dir/'run.json').read_text())
-    cfg, tasks = load_config(run_dir/'config.json'), saved['tasks']
-    data_root = Path(data_root or saved['data_root'])
-    _check_tasks(data_root, tasks, saved['dataset'])
+    cfg = load_config(run_dir/'config.json')
     ck = torch.load(ckpts[-1], weights_only=False)
-    trainer = ContinualTrainer(cfg, progress=progress).load_state_dict(ck['trainer'])
+    return cfg, saved, ContinualTrainer(cfg, progress=progress).load_state_dict(ck['trainer'])
+
+def evaluate_run(run_dir, data_root=None, progress: bool = True, skip_bad: bool = False) -> dict:
+    "Re-evaluate a trained run from its last checkpoint; returns the final per-class metrics, their mean and the skipped files."
+    cfg, saved, trainer = load_run(run_dir, progress)
+    tasks, data_root = saved['tasks'], Path(data_root or saved['data_root'])
+    _check_tasks(data_root, tasks, saved['dataset'])
     upto = trainer.num_tasks - 1
     extractor = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
     cache, ds_cls = FeatureCache(cfg.cache_dir), DATASETS[saved['dataset']]
-    kw = dict(resize=cfg.image_size, crop=cfg.crop_size)
+    kw = dict(resize=cfg.image_size, crop=cfg.crop_size, skip_bad=skip_bad, **(saved.get('dataset_kwargs') or {}))
     data = {c: ClassData(c, None, ds_cls(data_root, c, split='test', **kw), cache, extractor, progress)
             for t in tasks[:upto + 1] for c in t}
     per_class, _, ms = evaluate_seen(trainer, data, tasks, upto, cfg)
+    skipped = skipped_files(data)
     return {'tasks': tasks[:upto + 1], 'final': per_class,
             'mean': {k: float(np.nanmean([per_class[c][k] for c in per_class])) for k in METRICS},
-            'inference_ms_per_image': ms}
+            'inference_ms_per_image': ms, 'skipped': len(skipped),
+            'skipped_files': [[str(p), why] for p, why in skipped]}
