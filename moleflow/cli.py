@@ -9,8 +9,8 @@ from pathlib import Path
 from .config import MoLEConfig, make_config, load_config, parse_overrides, PRESETS
 
 # %% auto #0
-__all__ = ['DEMO_TASKS', 'build_parser', 'config_from_args', 'parse_tasks', 'cmd_train', 'cmd_eval', 'cmd_make_data', 'cmd_demo',
-           'cmd_sweep', 'main']
+__all__ = ['DEMO_TASKS', 'build_parser', 'config_from_args', 'parse_tasks', 'scheduler_of', 'cmd_train', 'cmd_eval',
+           'cmd_make_data', 'cmd_demo', 'cmd_sweep', 'main']
 
 # %% ../nbs/08a_cli.ipynb #e72f5349
 DEMO_TASKS = [['fabric'], ['screw'], ['wood'], ['pill']]   # textures and objects mixed
@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument('--preset', default='main', help=f"named preset: {', '.join(sorted(PRESETS))}")
         sp.add_argument('--config', help='a config file (JSON or YAML) to start from instead of a preset')
         sp.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE', help='override a config field')
+    def sched_args(sp, what):
+        sp.add_argument('--scheduler', metavar='SPEC', help=f"where the {what} run: local:1 (the default: this process, one after "
+                        f"the other), local:N (N Dask worker processes), a Dask scheduler address, or slurm:CONFIG.yaml")
+        sp.add_argument('--workers', type=int, metavar='N', help=f"N {what} at a time on this machine: --scheduler local:N")
     t = sub.add_parser('train', help='train a task sequence and evaluate it')
     t.add_argument('--data-root', required=True, help='folder with one sub-folder per class (MVTec AD layout)')
     t.add_argument('--tasks', nargs='+', required=True, help="classes in order; 'a+b' puts several classes in one task")
@@ -43,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2', help='a parameter and its values (repeatable)')
     s.add_argument('--param', dest='params', action='append', default=[], metavar='KEY=VALUE', help='a parameter fixed for every combination (YAML value)')
     s.add_argument('--out', required=True, help='sweep folder (re-running it skips finished combinations)')
-    s.add_argument('--workers', type=int, default=1, help='combinations run in parallel')
+    sched_args(s, 'combinations')
     s.add_argument('--timeout', type=float, help='seconds allowed per combination')
     return p
 
@@ -59,6 +63,15 @@ def config_from_args(args) -> MoLEConfig:
 def parse_tasks(items) -> list[list[str]]:
     "`['a', 'b+c']` -> `[['a'], ['b', 'c']]`."
     return [[c for c in item.split('+') if c] for item in items]
+
+def scheduler_of(args) -> str:
+    "The scheduler that `--scheduler` or `--workers N` (= `local:N`) names; `local:1` when neither is given."
+    if args.workers is not None and args.scheduler is not None:
+        raise ValueError("give --workers N or --scheduler SPEC, not both (--workers N means --scheduler local:N)")
+    if args.workers is not None:
+        if args.workers < 1: raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        return f"local:{args.workers}"
+    return args.scheduler or 'local:1'
 
 # %% ../nbs/08a_cli.ipynb #753b7a95
 def cmd_train(args):
@@ -100,7 +113,7 @@ def cmd_demo(args):
 def cmd_sweep(args):
     from moleflow.sweep import run_sweep, parse_grid, parse_params
     r = run_sweep(args.notebooks, parse_grid(args.grid), args.out, params=parse_params(args.params),
-                  workers=args.workers, timeout=args.timeout)
+                  scheduler=scheduler_of(args), timeout=args.timeout)
     print(f"results: {r['csv']}\nverdicts: {r['verdicts_csv']}")
     if r['failed']:
         for f in r['failed']: print(f"moleflow sweep: failed: {f['combination']}: {f['error']}", file=sys.stderr)
@@ -115,3 +128,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"moleflow {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"moleflow {args.command}: interrupted; what finished is kept, the same command (train: --resume) continues",
+              file=sys.stderr)
+        sys.exit(130)
