@@ -148,9 +148,17 @@ def run_combination(notebook, folder, combo:dict, params:dict|None=None, timeout
             if running is not None: running.discard(proc)
     return status
 
-def _sweep_job(notebook, folder, combo, params, timeout, env, code):
-    "One combination where the executor runs it: the local environment plus the executor's thread variables."
-    return run_combination(notebook, folder, combo, params, timeout, {**os.environ, **env}, _RUNNING, code)
+def _port_race(folder:Path) -> bool:
+    "Whether the kernel died at start because another kernel, started at the same moment, took one of its ports."
+    log = (folder/'papermill.log').read_text(errors='replace') if (folder/'papermill.log').exists() else ''
+    return 'Kernel died before replying to kernel_info' in log and 'Address already in use' in log
+
+def _sweep_job(notebook, folder, combo, params, timeout, env, code, attempts:int=3):
+    "One combination where the executor runs it (the local environment plus the executor's thread variables); a kernel-port race is retried."
+    for _ in range(attempts):
+        s = run_combination(notebook, folder, combo, params, timeout, {**os.environ, **env}, _RUNNING, code)
+        if s['status'] == 'ok' or not _port_race(Path(folder)): return s
+    return s
 
 def is_done(folder, combo:dict, params:dict|None=None) -> bool:
     "Whether `folder` holds a finished run of exactly this combination and these parameters."

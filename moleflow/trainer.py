@@ -320,8 +320,10 @@ def _run_logger(out: Path):
 
 # %% ../nbs/03_continual_trainer.ipynb #c8056d01
 def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvtec', resume: bool = False,
-                  overwrite: bool = False, progress: bool = True, figures: bool = True, on_task_end=None) -> dict:
+                  overwrite: bool = False, progress: bool = True, figures: bool = True, on_task_end=None, train=None) -> dict:
     "Train `tasks` (lists of class names) one after another on `data_root`, evaluating after each; write the run to `out`."
+    # train: None trains each task here; else `train(trainer, t, feats, classes, tasks, data) -> (optimizer, seconds)`
+    # adds task t to the trainer (moleflow.parallel trains tasks 1.. on Dask workers)
     out = Path(out)
     last_ckpt = _check_run_dir(out, resume, overwrite)
     if resume:
@@ -358,8 +360,9 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
         feats = torch.cat([data[c].train_features for c in tasks[t]])
         classes = [c for c in tasks[t] for _ in range(len(data[c].train_features))]
         t0 = time.time()
-        opt = trainer.train_task(feats, classes=classes, task_name=name)
-        train_s.append(time.time() - t0)
+        if train is None: opt, secs = trainer.train_task(feats, classes=classes, task_name=name), None
+        else: opt, secs = train(trainer, t, feats, classes, tasks, data)
+        train_s.append(time.time() - t0 if secs is None else secs)
         per_class, maps, ms = evaluate_seen(trainer, data, tasks, t, cfg)
         infer_ms.append(ms)
         rows.append({'per_class': per_class, 'per_task': {str(k): v for k, v in task_means(per_class, tasks, t).items()}})
