@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--out', required=True, help='run folder')
     t.add_argument('--resume', action='store_true', help='continue a killed run from its last checkpoint')
     t.add_argument('--overwrite', action='store_true', help='replace the results already in --out')
-    cfg_args(t)
+    cfg_args(t); sched_args(t, 'experts of tasks 1.. (after task 0)')
     e = sub.add_parser('eval', help='re-evaluate a trained run')
     e.add_argument('--run', required=True); e.add_argument('--data-root')
     e.add_argument('--overwrite', action='store_true', help='replace an earlier eval_metrics.json')
@@ -75,10 +75,14 @@ def scheduler_of(args) -> str:
 
 # %% ../nbs/08a_cli.ipynb #753b7a95
 def cmd_train(args):
+    "Serial by default; with `--workers N` or `--scheduler` the experts of tasks 1.. train in parallel (`moleflow.parallel`)."
     from moleflow.trainer import run_continual, markdown_table
     cfg = None if args.resume else config_from_args(args)
-    m = run_continual(cfg, args.data_root, parse_tasks(args.tasks), args.out, dataset=args.dataset,
-                      resume=args.resume, overwrite=args.overwrite)
+    kw = dict(dataset=args.dataset, resume=args.resume, overwrite=args.overwrite)
+    if args.workers is None and args.scheduler is None: m = run_continual(cfg, args.data_root, parse_tasks(args.tasks), args.out, **kw)
+    else:
+        from moleflow.parallel import run_parallel
+        m = run_parallel(cfg, args.data_root, parse_tasks(args.tasks), args.out, scheduler=scheduler_of(args), **kw)
     print(markdown_table(m)); print(f"\nrun folder: {args.out}")
 
 def cmd_eval(args):
