@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument('--scheduler', metavar='SPEC', help=f"where the {what} run: local:1 (the default: this process, one after "
                         f"the other), local:N (N Dask worker processes), a Dask scheduler address, or slurm:CONFIG.yaml")
         sp.add_argument('--workers', type=int, metavar='N', help=f"N {what} at a time on this machine: --scheduler local:N")
+        sp.add_argument('--device', default='cpu', help="cpu, or cuda: each worker uses its own GPU (on this machine worker i sees GPU i)")
     t = sub.add_parser('train', help='train a task sequence and evaluate it')
     t.add_argument('--data-root', required=True, help='folder with one sub-folder per class (MVTec AD layout)')
     t.add_argument('--tasks', nargs='+', required=True, help="classes in order; 'a+b' puts several classes in one task")
@@ -75,14 +76,15 @@ def scheduler_of(args) -> str:
 
 # %% ../nbs/08a_cli.ipynb #753b7a95
 def cmd_train(args):
-    "Serial by default; with `--workers N` or `--scheduler` the experts of tasks 1.. train in parallel (`moleflow.parallel`)."
+    "Serial by default; with `--workers N`, `--scheduler` or `--device cuda` the experts of tasks 1.. train on workers (`moleflow.parallel`)."
     from moleflow.trainer import run_continual, markdown_table
     cfg = None if args.resume else config_from_args(args)
     kw = dict(dataset=args.dataset, resume=args.resume, overwrite=args.overwrite)
-    if args.workers is None and args.scheduler is None: m = run_continual(cfg, args.data_root, parse_tasks(args.tasks), args.out, **kw)
+    if args.workers is None and args.scheduler is None and args.device == 'cpu':
+        m = run_continual(cfg, args.data_root, parse_tasks(args.tasks), args.out, **kw)
     else:
         from moleflow.parallel import run_parallel
-        m = run_parallel(cfg, args.data_root, parse_tasks(args.tasks), args.out, scheduler=scheduler_of(args), **kw)
+        m = run_parallel(cfg, args.data_root, parse_tasks(args.tasks), args.out, scheduler=scheduler_of(args), device=args.device, **kw)
     print(markdown_table(m)); print(f"\nrun folder: {args.out}")
 
 def cmd_eval(args):
@@ -117,7 +119,8 @@ def cmd_demo(args):
 def cmd_sweep(args):
     from moleflow.sweep import run_sweep, parse_grid, parse_params
     r = run_sweep(args.notebooks, parse_grid(args.grid), args.out, params=parse_params(args.params),
-                  scheduler=scheduler_of(args), timeout=args.timeout)
+                  scheduler=scheduler_of(args), timeout=args.timeout,
+                  device=args.device)
     print(f"results: {r['csv']}\nverdicts: {r['verdicts_csv']}")
     if r['failed']:
         for f in r['failed']: print(f"moleflow sweep: failed: {f['combination']}: {f['error']}", file=sys.stderr)

@@ -8,7 +8,7 @@ import ast, csv, difflib, itertools, json, os, re, signal, socket, subprocess, s
 from pathlib import Path
 import yaml
 from .config import atomic_write_text
-from .cluster import open_executor, parse_scheduler, notebook_hash, package_hash
+from .cluster import open_executor, check_request, notebook_hash, package_hash
 
 # %% auto #0
 __all__ = ['parse_value', 'parse_grid', 'parse_params', 'combinations', 'combo_name', 'notebook_parameters', 'check_keys',
@@ -250,11 +250,11 @@ def _status(folder:Path) -> dict:
     except (OSError, ValueError): return {}
 
 def run_sweep(notebooks, grid:dict|None=None, out='runs/sweep', params:dict|None=None, scheduler='local:1',
-              timeout:float|None=None, log=print) -> dict:
+              timeout:float|None=None, device:str='cpu', log=print) -> dict:
     "Run each notebook for every combination of `grid` (plus fixed `params`) into `out` on `scheduler`; resumable; collect the results."
     notebooks = [Path(n) for n in (notebooks if isinstance(notebooks, (list, tuple)) else [notebooks])]
     grid, params = dict(grid or {}), dict(params or {})
-    parse_scheduler(scheduler)
+    check_request(scheduler, device)
     if timeout is not None and not timeout > 0: raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     for k, v in grid.items():
         if not isinstance(v, list) or not v: raise ValueError(f"grid[{k!r}] must be a non-empty list of values, got {v!r}")
@@ -278,7 +278,7 @@ def run_sweep(notebooks, grid:dict|None=None, out='runs/sweep', params:dict|None
     if done['skipped']: log(f"sweep: {len(done['skipped'])} of {len(jobs)} combination(s) already done, skipped")
     t0 = time.time()
     if todo:
-        with open_executor(scheduler) as ex:
+        with open_executor(scheduler, device=device) as ex:
             log(f"sweep: {len(todo)} combination(s) on {scheduler} ({ex.workers} worker(s))")
             outcomes = ex.run_all(_sweep_job, [(nb, f, c, params, timeout, ex.env, code[nb]) for nb, c, f in todo],
                                   on_interrupt=stop_running)
@@ -291,7 +291,7 @@ def run_sweep(notebooks, grid:dict|None=None, out='runs/sweep', params:dict|None
             finally: outcomes.close()
     tables = collect(out)
     figures = [p for nb in notebooks if (p := plot_summary(tables['rows'], tables['keys'], nb.stem, out/nb.stem/'summary.png'))]
-    summary = dict(notebooks=[str(n) for n in notebooks], grid=grid, params=params, scheduler=str(scheduler),
+    summary = dict(notebooks=[str(n) for n in notebooks], grid=grid, params=params, scheduler=str(scheduler), device=device,
                    seconds=round(time.time() - t0, 1), **done, csv=str(tables['csv']), verdicts_csv=str(tables['verdicts_csv']),
                    figures=[str(p) for p in figures])
     atomic_write_text(out/'sweep.json', json.dumps(summary, indent=1, default=str) + '\n')

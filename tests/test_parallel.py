@@ -73,4 +73,8 @@ def test_bad_requests_are_clear_and_write_nothing(generated_root, cache_dir, tmp
     r = subprocess.run([str(Path(sys.executable).parent/'moleflow'), 'train', '--data-root', str(generated_root), '--tasks', 'fabric',
                         'wood', '--out', str(tmp_path/'cli'), '--workers', '0'], capture_output=True, text=True)
     assert r.returncode == 2 and '--workers must be at least 1, got 0' in r.stderr, r.stderr
+    if not torch.cuda.is_available():   # CI has no GPU: asking for one is a clear error before anything is written
+        r = subprocess.run([str(Path(sys.executable).parent/'moleflow'), 'train', '--data-root', str(generated_root), '--tasks',
+                            'fabric', 'wood', '--out', str(tmp_path/'cli'), '--workers', '2', '--device', 'cuda'], capture_output=True, text=True)
+        assert r.returncode == 2 and 'torch sees no CUDA GPU' in r.stderr, r.stderr
     assert not any((tmp_path/n).exists() for n in ('slow', 'zero', 'cli'))
