@@ -162,3 +162,22 @@ def test_interrupting_a_dask_sweep_stops_its_notebooks(tmp_path):
     for p in statuses:
         s = json.loads(p.read_text())
         assert s['status'] == 'failed' and s['error'] == 'stopped: the sweep was interrupted', s
+
+@needs_dask
+def test_a_worker_without_moleflow_is_named(tmp_path):
+    "A real Dask worker whose moleflow cannot be imported: the sweep names it before sending any job, and writes nothing."
+    from distributed import Client, LocalCluster
+    broken = tmp_path/'broken'/'moleflow'; broken.mkdir(parents=True)
+    (broken/'__init__.py').write_text("raise ImportError('this moleflow is broken on purpose')")
+    nb = toy_notebook(tmp_path/'toy.ipynb')
+    with LocalCluster(n_workers=0, dashboard_address=None) as cluster:
+        code = f"import sys; sys.path.insert(0, {str(broken.parent)!r}); from distributed.cli.dask_worker import main; main()"
+        worker = subprocess.Popen([sys.executable, '-c', code, cluster.scheduler_address, '--nthreads', '1', '--no-nanny'],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with Client(cluster) as c: c.wait_for_workers(1, timeout=120)
+            with pytest.raises(ValueError, match=r"cannot import moleflow \(ImportError: this moleflow is broken on purpose\)"):
+                run_sweep(nb, {'x': [1]}, tmp_path/'s', scheduler=cluster.scheduler_address, log=lambda *a: None)
+        finally:
+            worker.terminate(); worker.wait(30)
+    assert not (tmp_path/'s'/'toy').exists()
