@@ -8,7 +8,7 @@ Run from the repository root: `.venv/bin/python bench/bench_parallel.py [--smoke
 Serial runs get every core (`OMP_NUM_THREADS = cores`), N workers `cores // N` each. The feature cache is filled first,
 so neither side pays for extraction. Writes OUT.json and OUT.md; `--smoke` runs tiny settings into a temporary folder.
 """
-import argparse, json, os, platform, subprocess, sys, tempfile, time
+import argparse, csv, json, os, platform, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +43,11 @@ def bench_sweep(work: Path, data: Path, params: list, workers: int) -> dict:
     _timed(warm + ['--out', str(work/'sweep0')], _env(None))   # fills the feature cache
     serial = _timed(base + ['--out', str(work/'sweep1'), '--scheduler', 'local:1'], _env(None))
     parallel = _timed(base + ['--out', str(work/'sweep2'), '--scheduler', f'local:{workers}'], _env(None))
+    rows = [{(r['combination'], r['metric']): float(r['value']) for r in csv.DictReader(open(work/f/'results.csv'))}
+            for f in ('sweep1', 'sweep2')]
     return dict(serial_s=round(serial, 1), parallel_s=round(parallel, 1), speedup=round(serial / parallel, 2), workers=workers,
-                same_csv=(work/'sweep1'/'results.csv').read_text() == (work/'sweep2'/'results.csv').read_text())
+                same_rows=set(rows[0]) == set(rows[1]),   # the values differ in the last digits: other thread counts
+                max_abs_diff=max((abs(rows[0][k] - rows[1][k]) for k in rows[0] if k in rows[1] and 'second' not in k[1]), default=0.0))
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,8 +81,10 @@ def main():
     out.with_suffix('.json').write_text(json.dumps(res, indent=1) + '\n')
     t, s = res['train'], res['sweep']
     md = ("| what | serial (s) | parallel (s) | speed-up | same result |\n|---|---|---|---|---|\n"
-          f"| train, 4 tasks, --workers {t['workers']} | {t['serial_s']} | {t['parallel_s']} | {t['speedup']}x | {t['same_r_matrices']} |\n"
-          f"| sweep, 4 combinations, local:{s['workers']} vs local:1 | {s['serial_s']} | {s['parallel_s']} | {s['speedup']}x | {s['same_csv']} |\n")
+          f"| train, 4 tasks, --workers {t['workers']} | {t['serial_s']} | {t['parallel_s']} | {t['speedup']}x | "
+          f"R matrices {'equal' if t['same_r_matrices'] else 'differ'} |\n"
+          f"| sweep, 4 combinations, local:{s['workers']} vs local:1 | {s['serial_s']} | {s['parallel_s']} | {s['speedup']}x | "
+          f"{'same rows' if s['same_rows'] else 'other rows'}, max difference {s['max_abs_diff']:.2g} |\n")
     out.with_suffix('.md').write_text(f"Parallel vs serial on {os.cpu_count()} cores (bench/bench_parallel.py{' --smoke' if a.smoke else ''}).\n\n" + md)
     print(md); print(f"written: {out.with_suffix('.json')}, {out.with_suffix('.md')}")
 

@@ -181,3 +181,22 @@ def test_a_worker_without_moleflow_is_named(tmp_path):
         finally:
             worker.terminate(); worker.wait(30)
     assert not (tmp_path/'s'/'toy').exists()
+
+@needs_dask
+def test_a_dying_worker_is_reported_by_name(tmp_path):
+    "The notebook of x=-2 kills the Dask worker running it: that combination is reported (KilledWorker), the other finishes."
+    import dask
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1\nout_dir = None", metadata={'tags': ['parameters']}),
+                nbformat.v4.new_code_cell(
+                    "import json, os, pathlib, signal\n"
+                    "if x == -2:   # kernel -> papermill -> the Dask worker process\n"
+                    "    worker = int(open(f'/proc/{os.getppid()}/stat').read().split(')')[1].split()[1])   # papermill's parent\n"
+                    "    os.kill(worker, signal.SIGKILL); os._exit(1)\n"
+                    "pathlib.Path(out_dir, 'results.json').write_text(json.dumps({'summary': {'y': x}}))")]
+    nb.metadata = {'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}}
+    nbformat.write(nb, tmp_path/'die.ipynb')
+    with dask.config.set({'distributed.scheduler.allowed-failures': 0}):   # give up at the first death
+        r = run_sweep(tmp_path/'die.ipynb', {'x': [-2, 3]}, tmp_path/'s', scheduler='local:2', log=lambda *a: None)
+    assert r['ok'] == ['die/x=3']
+    assert [f['combination'] for f in r['failed']] == ['die/x=-2'] and 'KilledWorker' in r['failed'][0]['error'], r['failed']
