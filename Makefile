@@ -63,10 +63,13 @@ $(BENCH_STAMP): $(STAMP) settings.ini setup.py constraints.txt
 
 bench-install: $(BENCH_STAMP)
 
-# feature-cache ratio, then moleflow vs anomalib PatchCore/FastFlow/CFlow in one process: bench/results.{md,json,png}
+# feature-cache ratio, then moleflow vs anomalib PatchCore/FastFlow/CFlow in one process: bench/results.{md,json,png};
+# then parallel vs serial (train --workers 2, sweep local:2): bench/results_parallel.{md,json}
 bench: export bench-install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(BIN)/python bench/bench_features.py
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(BIN)/python bench/bench_peers.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_parallel.py
+
 ACCURACY_ARGS ?=
 
 # nbs/09d_accuracy.ipynb's study: where and why the flow trails nearest-neighbour scoring, per class over seeds

@@ -19,6 +19,7 @@ py_versions = '3.11 3.12'.split()
 requirements = shlex.split(cfg.get('requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 bench_requirements = shlex.split(cfg.get('bench_requirements', ''))  # peers for `make bench` (anomalib)
+cluster_requirements = shlex.split(cfg.get('cluster_requirements', ''))  # Dask: sweeps and experts on clusters (moleflow.cluster)
 lic = licenses[cfg['license'].lower()]
 min_python = cfg['min_python']
 lic_name, lic_classifier = lic
@@ -35,7 +36,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'bench': bench_requirements},
+    extras_require={'dev': dev_requirements, 'bench': bench_requirements, 'cluster': cluster_requirements},
     dependency_links=cfg.get('dep_links', '').split(),
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),

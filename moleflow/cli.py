@@ -11,7 +11,7 @@ from .data import SCENARIOS, get_scenario
 
 # %% auto #0
 __all__ = ['DEMO_TASKS', 'FOLDER_OPTIONS', 'build_parser', 'config_from_args', 'folder_layout', 'tasks_from_args', 'parse_tasks',
-           'cmd_train', 'cmd_eval', 'cmd_make_data', 'cmd_demo', 'cmd_predict', 'cmd_sweep', 'main']
+           'scheduler_of', 'cmd_train', 'cmd_eval', 'cmd_make_data', 'cmd_demo', 'cmd_predict', 'cmd_sweep', 'main']
 
 # %% ../nbs/08a_cli.ipynb #e72f5349
 DEMO_TASKS = [['fabric'], ['screw'], ['wood'], ['pill']]   # textures and objects mixed
@@ -23,6 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument('--preset', default='main', help=f"named preset: {', '.join(sorted(PRESETS))}")
         sp.add_argument('--config', help='a config file (JSON or YAML) to start from instead of a preset')
         sp.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE', help='override a config field')
+    def sched_args(sp, what):
+        sp.add_argument('--scheduler', metavar='SPEC', help=f"where the {what} run: local:1 (the default: this process, one after "
+                        f"the other), local:N (N Dask worker processes), a Dask scheduler address, or slurm:CONFIG.yaml")
+        sp.add_argument('--workers', type=int, metavar='N', help=f"N {what} at a time on this machine: --scheduler local:N")
+        sp.add_argument('--device', default='cpu', help="cpu, or cuda: each worker uses its own GPU (on this machine worker i sees GPU i)")
     t = sub.add_parser('train', help='train a task sequence and evaluate it')
     t.add_argument('--data-root', required=True, help='folder with one sub-folder per class (MVTec AD layout)')
     which = t.add_mutually_exclusive_group(required=True)
@@ -38,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--resume', action='store_true', help='continue a killed run from its last checkpoint')
     t.add_argument('--overwrite', action='store_true', help='replace the results already in --out')
     t.add_argument('--skip-bad', action='store_true', help='skip unreadable images and defect images without masks (listed in RUN/skipped.txt) instead of stopping')
-    cfg_args(t)
+    cfg_args(t); sched_args(t, 'experts of tasks 1.. (after task 0)')
     e = sub.add_parser('eval', help='re-evaluate a trained run')
     e.add_argument('--run', required=True); e.add_argument('--data-root')
     e.add_argument('--overwrite', action='store_true', help='replace an earlier eval_metrics.json')
@@ -61,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2', help='a parameter and its values (repeatable)')
     s.add_argument('--param', dest='params', action='append', default=[], metavar='KEY=VALUE', help='a parameter fixed for every combination (YAML value)')
     s.add_argument('--out', required=True, help='sweep folder (re-running it skips finished combinations)')
-    s.add_argument('--workers', type=int, default=1, help='combinations run in parallel')
+    sched_args(s, 'combinations')
     s.add_argument('--timeout', type=float, help='seconds allowed per combination')
     return p
 
@@ -96,13 +101,28 @@ def parse_tasks(items) -> list[list[str]]:
     "`['a', 'b+c']` -> `[['a'], ['b', 'c']]`."
     return [[c for c in item.split('+') if c] for item in items]
 
+def scheduler_of(args) -> str:
+    "The scheduler that `--scheduler` or `--workers N` (= `local:N`) names; `local:1` when neither is given."
+    if args.workers is not None and args.scheduler is not None:
+        raise ValueError("give --workers N or --scheduler SPEC, not both (--workers N means --scheduler local:N)")
+    if args.workers is not None:
+        if args.workers < 1: raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        return f"local:{args.workers}"
+    return args.scheduler or 'local:1'
+
 # %% ../nbs/08a_cli.ipynb #753b7a95
 def cmd_train(args):
+    "Serial by default; with `--workers N`, `--scheduler` or `--device cuda` the experts of tasks 1.. train on workers (`moleflow.parallel`)."
     from moleflow.trainer import run_continual, markdown_table
     cfg = None if args.resume else config_from_args(args)
     tasks, dataset = tasks_from_args(args)
-    m = run_continual(cfg, args.data_root, tasks, args.out, dataset=dataset, resume=args.resume, overwrite=args.overwrite,
-                      skip_bad=args.skip_bad, dataset_kwargs=folder_layout(args, dataset), scenario=args.scenario)
+    kw = dict(dataset=dataset, resume=args.resume, overwrite=args.overwrite, skip_bad=args.skip_bad,
+              dataset_kwargs=folder_layout(args, dataset), scenario=args.scenario)
+    if args.workers is None and args.scheduler is None and args.device == 'cpu':
+        m = run_continual(cfg, args.data_root, tasks, args.out, **kw)
+    else:
+        from moleflow.parallel import run_parallel
+        m = run_parallel(cfg, args.data_root, tasks, args.out, scheduler=scheduler_of(args), device=args.device, **kw)
     print(markdown_table(m)); print(f"\nrun folder: {args.out} (report: {Path(args.out)/'report.html'})")
     if m['skipped']: print(f"skipped {m['skipped']} bad file(s), listed in {Path(args.out)/'skipped.txt'}")
 
@@ -159,7 +179,8 @@ def cmd_predict(args):
 def cmd_sweep(args):
     from moleflow.sweep import run_sweep, parse_grid, parse_params
     r = run_sweep(args.notebooks, parse_grid(args.grid), args.out, params=parse_params(args.params),
-                  workers=args.workers, timeout=args.timeout)
+                  scheduler=scheduler_of(args), timeout=args.timeout,
+                  device=args.device)
     print(f"results: {r['csv']}\nverdicts: {r['verdicts_csv']}")
     if r['failed']:
         for f in r['failed']: print(f"moleflow sweep: failed: {f['combination']}: {f['error']}", file=sys.stderr)
@@ -179,3 +200,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FileExistsError, _weights_not_found()) as e:
         print(f"moleflow {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"moleflow {args.command}: interrupted; what finished is kept, the same command (train: --resume) continues",
+              file=sys.stderr)
+        sys.exit(130)

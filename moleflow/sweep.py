@@ -4,15 +4,15 @@
 
 # %% ../nbs/09c_sweep.ipynb #b82eff19
 from __future__ import annotations
-import ast, csv, difflib, itertools, json, os, re, signal, subprocess, sys, time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import ast, csv, difflib, itertools, json, os, re, signal, socket, subprocess, sys, time
 from pathlib import Path
 import yaml
 from .config import atomic_write_text
+from .cluster import open_executor, check_request, notebook_hash, package_hash
 
 # %% auto #0
 __all__ = ['parse_value', 'parse_grid', 'parse_params', 'combinations', 'combo_name', 'notebook_parameters', 'check_keys',
-           'run_combination', 'is_done', 'collect', 'plot_summary', 'run_sweep']
+           'stop_running', 'run_combination', 'is_done', 'collect', 'plot_summary', 'run_sweep']
 
 # %% ../nbs/09c_sweep.ipynb #a48af304
 def _split(item:str, what:str) -> tuple[str, str]:
@@ -103,33 +103,62 @@ def _stop_group(proc):
 def _write_status(folder:Path, status:dict):
     atomic_write_text(folder/'status.json', json.dumps(status, indent=1, default=str) + '\n')
 
+_RUNNING: set = set()   # the papermill processes of this Python process (the sweep's, or a Dask worker's)
+
+def stop_running():
+    "Stop every papermill process that this Python process runs; wait (up to 30 s) until their combinations wrote `failed`."
+    for proc in list(_RUNNING):
+        proc.stopped = True
+        _stop_group(proc)
+    for _ in range(300):
+        if not _RUNNING: return
+        time.sleep(0.1)
+
 def run_combination(notebook, folder, combo:dict, params:dict|None=None, timeout:float|None=None, env:dict|None=None,
-                    running:set|None=None) -> dict:
+                    running:set|None=None, code:dict|None=None) -> dict:
     "Execute `notebook` with papermill into `folder` with `combo` and `params` injected (and `out_dir=folder`); return its status."
     folder = Path(folder).resolve(); folder.mkdir(parents=True, exist_ok=True)
     injected = {**(params or {}), **combo, 'out_dir': str(folder)}
     (folder/'parameters.yaml').write_text(yaml.safe_dump(injected, sort_keys=False))
     (folder/'results.json').unlink(missing_ok=True)
     status = dict(notebook=str(Path(notebook).resolve()), combination=combo_name(combo), grid=combo, params=params or {},
-                  status='running', started=time.strftime('%Y-%m-%dT%H:%M:%S'))
+                  code=code or {}, status='running', started=time.strftime('%Y-%m-%dT%H:%M:%S'), host=socket.gethostname())
     _write_status(folder, status)
     cmd = [sys.executable, '-m', 'papermill', str(Path(notebook).resolve()), str(folder/'executed.ipynb'),
            '-f', str(folder/'parameters.yaml'), '--no-progress-bar']
-    t0, timed_out = time.time(), None
+    t0, timed_out, rc = time.time(), None, None
     with open(folder/'papermill.log', 'w') as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         if running is not None: running.add(proc)
-        status['pid'] = proc.pid; _write_status(folder, status)
-        try: rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired: timed_out, rc = timeout, None
+        try:
+            status['pid'] = proc.pid; _write_status(folder, status)
+            try: rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired: timed_out = timeout
+            finally:
+                if proc.poll() is None: _stop_group(proc)   # timed out, or interrupted: stop the whole group
+            ok = rc == 0 and (folder/'results.json').is_file()
+            error = None if ok else 'stopped: the sweep was interrupted' if getattr(proc, 'stopped', False) else _error_of(folder, rc, timed_out)
+            status.update(status='ok' if ok else 'failed', returncode=rc, error=error)
+        except BaseException:   # Ctrl-C of a local:1 sweep lands here: the combination failed, a rerun repeats it
+            status.update(status='failed', returncode=None, error='stopped: the sweep was interrupted')
+            raise
         finally:
-            if proc.poll() is None: _stop_group(proc)   # timed out, or interrupted: stop the whole group
+            status['seconds'] = round(time.time() - t0, 1)
+            _write_status(folder, status)
             if running is not None: running.discard(proc)
-    ok = rc == 0 and (folder/'results.json').is_file()
-    status.update(status='ok' if ok else 'failed', seconds=round(time.time() - t0, 1), returncode=rc,
-                  error=None if ok else _error_of(folder, rc, timed_out))
-    _write_status(folder, status)
     return status
+
+def _port_race(folder:Path) -> bool:
+    "Whether the kernel died at start because another kernel, started at the same moment, took one of its ports."
+    log = (folder/'papermill.log').read_text(errors='replace') if (folder/'papermill.log').exists() else ''
+    return 'Kernel died before replying to kernel_info' in log and 'Address already in use' in log
+
+def _sweep_job(notebook, folder, combo, params, timeout, env, code, attempts:int=3):
+    "One combination where the executor runs it (the local environment plus the executor's thread variables); a kernel-port race is retried."
+    for _ in range(attempts):
+        s = run_combination(notebook, folder, combo, params, timeout, {**os.environ, **env}, _RUNNING, code)
+        if s['status'] == 'ok' or not _port_race(Path(folder)): return s
+    return s
 
 def is_done(folder, combo:dict, params:dict|None=None) -> bool:
     "Whether `folder` holds a finished run of exactly this combination and these parameters."
@@ -216,47 +245,55 @@ def plot_summary(rows:list, keys:list, notebook:str, path, max_panels:int=12) ->
     return path
 
 # %% ../nbs/09c_sweep.ipynb #a1a68fb1
-def run_sweep(notebooks, grid:dict|None=None, out='runs/sweep', params:dict|None=None, workers:int=1,
-              timeout:float|None=None, log=print) -> dict:
-    "Run each notebook for every combination of `grid` (plus fixed `params`) into `out`; resumable; collect the results."
+def _status(folder:Path) -> dict:
+    try: return json.loads((folder/'status.json').read_text())
+    except (OSError, ValueError): return {}
+
+def run_sweep(notebooks, grid:dict|None=None, out='runs/sweep', params:dict|None=None, scheduler='local:1',
+              timeout:float|None=None, device:str='cpu', log=print) -> dict:
+    "Run each notebook for every combination of `grid` (plus fixed `params`) into `out` on `scheduler`; resumable; collect the results."
     notebooks = [Path(n) for n in (notebooks if isinstance(notebooks, (list, tuple)) else [notebooks])]
     grid, params = dict(grid or {}), dict(params or {})
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1: raise ValueError(f"workers must be a positive int, got {workers!r}")
+    check_request(scheduler, device)
     if timeout is not None and not timeout > 0: raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     for k, v in grid.items():
         if not isinstance(v, list) or not v: raise ValueError(f"grid[{k!r}] must be a non-empty list of values, got {v!r}")
     both = set(grid) & set(params)
     if both: raise ValueError(f"keys {sorted(both)} are both in the grid and fixed parameters")
     for nb in notebooks: check_keys(nb, [*grid, *params])
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'): env.setdefault(var, str(max(1, (os.cpu_count() or 1) // workers)))
+    out = Path(out)
     jobs = [(nb, c, out/nb.stem/combo_name(c)) for nb in notebooks for c in combinations(grid)]
     names = [f"{nb.stem}/{f.name}" for nb, _, f in jobs]
     if len(set(names)) != len(names): raise ValueError("two combinations map to the same folder name; use simpler values")
-    done = {'ok': [], 'skipped': [], 'failed': []}
-    todo = [(nb, c, f) for nb, c, f in jobs if not is_done(f, c, params)]
-    done['skipped'] = [f"{nb.stem}/{f.name}" for nb, c, f in jobs if (nb, c, f) not in todo]
+    code = {nb: {'notebook': notebook_hash(nb), 'moleflow': package_hash()} for nb in notebooks}
+    finished = [(nb, c, f) for nb, c, f in jobs if is_done(f, c, params)]
+    changed = [f"{nb.stem}/{f.name}" for nb, c, f in finished if _status(f).get('code') != code[nb]]
+    if changed:
+        raise ValueError(f"{len(changed)} finished combination(s) in {out} ran with another version of their notebook or of "
+                         f"moleflow: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}; remove their folders "
+                         f"(or use another --out) to run them again")
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [j for j in jobs if j not in finished]
+    done = {'ok': [], 'skipped': [f"{nb.stem}/{f.name}" for nb, c, f in finished], 'failed': []}
     if done['skipped']: log(f"sweep: {len(done['skipped'])} of {len(jobs)} combination(s) already done, skipped")
-    t0, running = time.time(), set()
-    ex = ThreadPoolExecutor(workers)
-    try:
-        futs = {ex.submit(run_combination, nb, f, c, params, timeout, env, running): f"{nb.stem}/{f.name}" for nb, c, f in todo}
-        for fut in as_completed(futs):
-            name = futs[fut]
-            try: s = fut.result()
-            except Exception as e: s = dict(status='failed', error=f"{type(e).__name__}: {e}", seconds=None)
-            if s['status'] == 'ok': done['ok'].append(name); log(f"sweep: {name} ok ({s['seconds']} s)")
-            else: done['failed'].append(dict(combination=name, error=s['error'])); log(f"sweep: {name} FAILED: {s['error']}")
-    except BaseException:   # Ctrl-C or a kill of the sweep: stop what runs, start nothing more; a rerun resumes
-        ex.shutdown(wait=False, cancel_futures=True)
-        for proc in list(running): _stop_group(proc)
-        raise
-    ex.shutdown()
+    t0 = time.time()
+    if todo:
+        with open_executor(scheduler, device=device) as ex:
+            log(f"sweep: {len(todo)} combination(s) on {scheduler} ({ex.workers} worker(s))")
+            outcomes = ex.run_all(_sweep_job, [(nb, f, c, params, timeout, ex.env, code[nb]) for nb, c, f in todo],
+                                  on_interrupt=stop_running)
+            try:
+                for i, err, s in outcomes:
+                    name = f"{todo[i][0].stem}/{todo[i][2].name}"
+                    if err is not None: s = dict(status='failed', error=f"{type(err).__name__}: {err}")
+                    if s['status'] == 'ok': done['ok'].append(name); log(f"sweep: {name} ok ({s['seconds']} s)")
+                    else: done['failed'].append(dict(combination=name, error=s['error'])); log(f"sweep: {name} FAILED: {s['error']}")
+            finally: outcomes.close()
     tables = collect(out)
     figures = [p for nb in notebooks if (p := plot_summary(tables['rows'], tables['keys'], nb.stem, out/nb.stem/'summary.png'))]
-    summary = dict(notebooks=[str(n) for n in notebooks], grid=grid, params=params, seconds=round(time.time() - t0, 1),
-                   **done, csv=str(tables['csv']), verdicts_csv=str(tables['verdicts_csv']), figures=[str(p) for p in figures])
+    summary = dict(notebooks=[str(n) for n in notebooks], grid=grid, params=params, scheduler=str(scheduler), device=device,
+                   seconds=round(time.time() - t0, 1), **done, csv=str(tables['csv']), verdicts_csv=str(tables['verdicts_csv']),
+                   figures=[str(p) for p in figures])
     atomic_write_text(out/'sweep.json', json.dumps(summary, indent=1, default=str) + '\n')
     log(f"sweep: {len(done['ok'])} ok, {len(done['skipped'])} skipped, {len(done['failed'])} failed; table {tables['csv']}")
     return summary

@@ -366,8 +366,10 @@ def _run_logger(out: Path):
 # %% ../nbs/03_continual_trainer.ipynb #c8056d01
 def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvtec', resume: bool = False,
                   overwrite: bool = False, progress: bool = True, figures: bool = True, on_task_end=None,
-                  skip_bad: bool = False, dataset_kwargs: dict | None = None, scenario: str | None = None) -> dict:
+                  skip_bad: bool = False, dataset_kwargs: dict | None = None, scenario: str | None = None, train=None) -> dict:
     "Train `tasks` (lists of class names) one after another on `data_root`, evaluating after each; write the run to `out`."
+    # train: None trains each task here; else `train(trainer, t, feats, classes, tasks, data) -> (optimizer, seconds)`
+    # adds task t to the trainer (moleflow.parallel trains tasks 1.. on Dask workers)
     out = Path(out)
     last_ckpt = _check_run_dir(out, resume, overwrite)
     if resume:
@@ -413,8 +415,9 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
         feats = torch.cat([split[c][0] for c in tasks[t]])
         classes = [c for c in tasks[t] for _ in range(len(split[c][0]))]
         t0 = time.time()
-        opt = trainer.train_task(feats, classes=classes, task_name=name)
-        train_s.append(time.time() - t0)
+        if train is None: opt, secs = trainer.train_task(feats, classes=classes, task_name=name), None
+        else: opt, secs = train(trainer, t, feats, classes, tasks, data)
+        train_s.append(time.time() - t0 if secs is None else secs)
         held = torch.cat([split[c][1] for c in tasks[t]])
         trainer.thresholds.append(normal_threshold(trainer, held, t, cfg, 'held_out') if len(held) else
                                   normal_threshold(trainer, feats, t, cfg, 'train'))
