@@ -233,10 +233,12 @@ def _ms(xs) -> tuple[float, float, int]:
 
 def class_results(runs:list[dict], arm:str='main', where:str='routed', scoring:str='nll', alone:bool=False) -> dict:
     "`{class: {metric: [value per seed]}}` of `arm`: in the class's study sequence (routed or oracle), or trained alone."
-    out = {}
+    out, seen = {}, set()
     for r in runs:
         if r['arm'] != arm or r['sequence_name'].startswith('alone/') != alone: continue
         for cls, c in r['classes'].items():
+            if (cls, r['seed']) in seen: continue   # hazelnut is task 0 of two sequences: the same model, counted once
+            seen.add((cls, r['seed']))
             m = c['routed'] if where == 'routed' else c['oracle'][scoring]
             for k, v in m.items(): out.setdefault(cls, {}).setdefault(k, []).append(v)
     return out
