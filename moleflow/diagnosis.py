@@ -418,7 +418,7 @@ def plot_maps_side_by_side(study_dir, arm:str='main', roots:dict|None=None, n:in
     for ax, (root, cls, i, d, fm, nm) in zip(axes, rows):
         item = d.test_ds[i]
         up = [anomaly_maps(m[None].float(), cfg.crop_size, sigma=cfg.blur_sigma)[0] for m in (fm, nm)]
-        for a, img, title in zip(ax, [denormalize(item['image'][None])[0].transpose(1, 2, 0), item['mask'][0], *up],
+        for a, img, title in zip(ax, [denormalize(item['image'][None])[0], item['mask'][0], *up],
                                  [f'{cls} #{i}', 'ground truth', 'flow NLL', 'nearest neighbour']):
             a.imshow(img, cmap=None if title.startswith(cls) else 'jet'); a.set_title(title, fontsize=8); a.axis('off')
     fig.tight_layout()
