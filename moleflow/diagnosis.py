@@ -389,11 +389,12 @@ def defect_table(study_dir, arm:str='main', roots:dict|None=None, seqs=('mvtec_s
 
 # %% ../nbs/09d_accuracy.ipynb #545b26e0
 def worst_images(maps:torch.Tensor, data:ClassData, cfg:MoLEConfig, n:int=3) -> list[int]:
-    "Indices of the `n` anomalous test images whose upsampled map has the lowest pixel AP."
+    "Indices of the `n` anomalous test images (with defect pixels inside the crop) whose upsampled map has the lowest pixel AP."
     from sklearn.metrics import average_precision_score
     masks, labels = data.ground_truth
     up = anomaly_maps(maps.float(), cfg.crop_size, sigma=cfg.blur_sigma)
-    ap = {i: average_precision_score(masks[i].flatten().numpy() > 0, up[i].flatten().numpy()) for i in torch.nonzero(labels).flatten().tolist()}
+    shown = [i for i in torch.nonzero(labels).flatten().tolist() if masks[i].any()]   # a defect can lie outside the centre crop
+    ap = {i: average_precision_score(masks[i].flatten().numpy() > 0, up[i].flatten().numpy()) for i in shown}
     return sorted(ap, key=ap.get)[:n]
 
 def plot_maps_side_by_side(study_dir, arm:str='main', roots:dict|None=None, n:int=2):
