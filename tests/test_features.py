@@ -134,7 +134,7 @@ def test_missing_weights_offline_is_a_clear_error(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert out.startswith('ERR') and "'resnet18'" in out, out
-    for hint in ('network', 'HF_HOME', "weights='/path/to/checkpoint.pth'", 'weights=None'): assert hint in out, out
+    for hint in ('network', 'HF_HOME', 'backbone_weights=/path/to/checkpoint.pth', "weights='/path/", 'weights=None'): assert hint in out, out
 
 def test_populated_hf_cache_works_offline(tmp_path):
     "timm's normal pretrained path, fed from a Hugging Face cache with no network."

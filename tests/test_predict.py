@@ -1,5 +1,5 @@
 "moleflow predict on a trained run: it reproduces evaluation exactly, reports bad files and refuses bad requests."
-import csv, json, subprocess, sys
+import csv, json, os, subprocess, sys
 from pathlib import Path
 import numpy as np, pytest, torch
 from PIL import Image
@@ -10,8 +10,17 @@ from moleflow.features import get_backbone, FeatureCache
 
 TASKS = [['fabric'], ['screw']]
 
+ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "Extraction, training, eval and the predict subprocess at one thread: 'exactly equal' holds at matched thread counts (BLAS kernels differ with threads)."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def _cli(*args):
-    return subprocess.run([str(Path(sys.executable).parent/'moleflow'), *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([str(Path(sys.executable).parent/'moleflow'), *map(str, args)], capture_output=True, text=True, env=ONE_THREAD)
 
 def _fails(capsys, *args):
     "stderr of `moleflow ARGS` run in this process, which must exit with status 2."
@@ -21,9 +30,9 @@ def _fails(capsys, *args):
     return capsys.readouterr().err
 
 @pytest.fixture(scope='module')
-def fast_run(generated_root, cache_dir, tmp_path_factory):
-    "The `fast` preset trained on two generated classes."
-    run = tmp_path_factory.mktemp('predict')/'run'
+def fast_run(generated_root, tmp_path_factory):
+    "The `fast` preset trained on two generated classes (its own feature cache: every feature extracted at one thread)."
+    run, cache_dir = tmp_path_factory.mktemp('predict')/'run', str(tmp_path_factory.mktemp('predict_cache'))
     m = run_continual(make_config('fast', {'cache_dir': cache_dir}), generated_root, TASKS, run, progress=False, figures=False)
     return run, m
 
