@@ -56,6 +56,7 @@ class MoLEConfig:
     context_max_alpha: float = 0.2
     clamp: float = 1.9              # affine clamping of the coupling blocks
     adapter: str = 'film'           # per-task input adapter (main: FiLM; measured best of the four in notebook 09)
+    adapter_logdet: bool = False    # add the adapter's per-channel log-scale to the log-det (shrinking the input no longer lowers the NLL)
     pos_embed: bool = True          # 2-D sinusoidal positional embedding
     spatial_mixer: bool = False     # depthwise residual context mixer before the flow
     lora_rank: int = 16

@@ -68,6 +68,10 @@ class InstanceNormAdapter(nn.Module):
         h = (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
         return h + self.gate * self.mlp(h)
 
+    def log_scale(self) -> torch.Tensor:
+        "log|det| of the per-channel scale after the normalisation: sum of log|weight| (the MLP residual is not counted)."
+        return self.weight.abs().log().sum()
+
 class FiLMAdapter(nn.Module):
     "v3 adapter: LayerNorm, per-channel FiLM, gated residual MLP; `task0_blend=b` mixes (1-b)*x + b*adapted."
     def __init__(self, dim:int, task0_blend:float|None=None, hidden:int|None=None):
@@ -87,6 +91,11 @@ class FiLMAdapter(nn.Module):
         y = h + torch.sigmoid(self.gate_logit) * self.mlp(h)
         return y if self.task0_blend is None else (1 - self.task0_blend) * x + self.task0_blend * y
 
+    def log_scale(self) -> torch.Tensor:
+        "log|det| of the per-channel scale after the normalisation: sum of log|gamma|, or of log|1 - b + b gamma| when blended (the MLP residual is not counted)."
+        s = self.gamma if self.task0_blend is None else 1 - self.task0_blend + self.task0_blend * self.gamma
+        return s.abs().log().sum()
+
 class WhiteningAdapter(nn.Module):
     "LayerNorm without affine, then a bounded per-channel affine: gamma in [0.5, 2], beta = 2*tanh(b)."
     def __init__(self, dim:int):
@@ -104,6 +113,10 @@ class WhiteningAdapter(nn.Module):
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         _check_features(x, self.dim)
         return self.gamma * self.norm(x) + self.beta
+
+    def log_scale(self) -> torch.Tensor:
+        "log|det| of the per-channel scale after the normalisation: sum of log gamma."
+        return self.gamma.log().sum()
 
 # %% ../nbs/01_coupling_flow.ipynb #8eaf813e
 class SpatialContextMixer(nn.Module):
@@ -216,7 +229,7 @@ class MoLEFlow(nn.Module):
                  lora_scaling:str='alpha/rank', task_bias:bool=True, subnet:str='context', context_mode:str='gate',
                  context_kernel:int=3, context_init_scale:float=0.1, context_max_alpha:float=0.2, clamp:float=1.9,
                  adapter:str='whitening', pos_embed:bool=True, spatial_mixer:bool=False, task0_expert:bool=True,
-                 seed:int=0, global_affine_type:str='SOFTPLUS', lora:bool=True):
+                 seed:int=0, global_affine_type:str='SOFTPLUS', lora:bool=True, adapter_logdet:bool=False):
         super().__init__()
         if _check_pos_int('dim', dim) < 2: raise ValueError(f"dim must be an int >= 2, got {dim}")
         _check_pos_int('n_blocks', n_blocks); _check_pos_int('hidden', hidden)
@@ -231,7 +244,7 @@ class MoLEFlow(nn.Module):
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         _check_lora_args(rank, alpha, lora_scaling, 'lora_scaling')
         self.dim, self.seed, self.adapter_kind, self.task0_expert = dim, seed, adapter, task0_expert
-        self.subnet_kind, self.use_pos_embed, self.lora = subnet, pos_embed, lora
+        self.subnet_kind, self.use_pos_embed, self.lora, self.adapter_logdet = subnet, pos_embed, lora, adapter_logdet
         lora_kw = dict(hidden=hidden, rank=rank, alpha=alpha, scaling=lora_scaling, task_bias=task_bias)
         if callable(subnet): make = subnet
         elif subnet == 'mlp': make = partial(MoLESubnet, **lora_kw)
@@ -325,5 +338,7 @@ class MoLEFlow(nn.Module):
         return u.view(B, H, W, D)
 
     def forward(self, x:torch.Tensor, task:int) -> tuple[torch.Tensor, torch.Tensor]:
-        "Features x (B, H, W, D) -> latents z (B, H, W, D) and per-patch log-det (B, H, W)."
-        return self.flow_forward(self.prepare(x, task), task)
+        "Features x (B, H, W, D) -> latents z (B, H, W, D) and per-patch log-det (B, H, W), with the adapter's `log_scale` if `adapter_logdet`."
+        z, logdet = self.flow_forward(self.prepare(x, task), task)
+        if self.adapter_logdet and str(task) in self.adapters: logdet = logdet + self.adapters[str(task)].log_scale()
+        return z, logdet

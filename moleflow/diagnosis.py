@@ -285,7 +285,7 @@ def results_table(runs:list[dict], sequence_name:str, arm:str='main', metrics=ME
     def val(r, cls, k): return r['classes'][cls][k] if k == 'routing_acc' else r['classes'][cls]['routed'][k]
     rows = [[cls, *(fmt(*_ms([val(r, cls, k) for r in sel])) for k in keys)] for cls in classes]
     rows.append(['**mean**', *(fmt(*_ms([float(np.mean([val(r, c, k) for c in classes])) for r in sel])) for k in keys)])
-    return ['class', *(k.replace('_', ' ') for k in keys)], rows
+    return ['class', *keys], rows
 
 # %% ../nbs/09d_accuracy.ipynb #a8f6fbb4
 def compare_arms(runs:list[dict], arm:str, base:str='main', metrics=('pixel_auroc', 'pixel_ap', 'aupro')) -> dict:

@@ -73,7 +73,8 @@ def build_flow(cfg: MoLEConfig) -> MoLEFlow:
               lora_scaling=cfg.lora_scaling, task_bias=cfg.lora_task_bias, subnet=cfg.subnet_type,
               context_mode=cfg.context_mode, context_kernel=cfg.context_kernel, context_init_scale=cfg.context_init_scale,
               context_max_alpha=cfg.context_max_alpha, clamp=cfg.clamp, adapter=cfg.adapter, pos_embed=cfg.pos_embed,
-              spatial_mixer=cfg.spatial_mixer, task0_expert=cfg.task0_expert, seed=cfg.seed, lora=not cfg.no_lora)
+              spatial_mixer=cfg.spatial_mixer, task0_expert=cfg.task0_expert, seed=cfg.seed, lora=not cfg.no_lora,
+              adapter_logdet=cfg.adapter_logdet)
     if cfg.subnet_type == 'cross_patch' or cfg.lora_grid or cfg.patch_attention or cfg.dia_blocks:
         return VariantFlow(cfg.feature_dim, cross_patch_context=cfg.cross_patch_context, cross_patch_gate=cfg.cross_patch_gate,
                            lora_grid=cfg.lora_grid, patch_attention=cfg.patch_attention, attention_hidden=cfg.attention_hidden,
