@@ -123,6 +123,11 @@ def _save_maps(path:Path, maps:dict):
     from moleflow.trainer import _checkpoint
     _checkpoint(Path(path), {k: v.half() for k, v in maps.items()})
 
+def _adapter_log_scale(flow, task:int) -> float|None:
+    "Mean log-scale per channel of the task's adapter (negative: it shrinks the flow's input); None without an adapter."
+    ad = flow.adapters[str(task)] if str(task) in flow.adapters else None
+    return None if ad is None else float(ad.log_scale()) / flow.dim
+
 def run_record(cfg:MoLEConfig, refs, roots:dict, eval_every:int=5, progress:bool=False, extractor=None, cache=None,
                maps_out=None) -> dict:
     "Train the `(root, class)` sequence `refs` with `cfg` and measure parts (b)-(e); returns a JSON-able record (test NLL maps to `maps_out`)."
@@ -141,7 +146,8 @@ def run_record(cfg:MoLEConfig, refs, roots:dict, eval_every:int=5, progress:bool
         secs, hist = time.time() - t0, trainer.history[-1]
         rec[cls] = {'root': root, 'task': t, 'n_train': len(d.train_features), 'epochs': len(hist),
                     'steps': sum(h['batches'] - h['nonfinite_batches'] for h in hist), 'train_s': secs,
-                    'loss': [h.get('loss') for h in hist], 'curve': curve}
+                    'loss': [h.get('loss') for h in hist], 'curve': curve,
+                    'adapter_log_scale': _adapter_log_scale(trainer.flow, t)}
     kept = {}
     for t, (root, cls) in enumerate(refs):
         d = data[cls]
