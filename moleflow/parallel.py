@@ -12,7 +12,7 @@ import torch
 from .config import MoLEConfig
 from .cluster import open_executor, check_request
 from .features import FeatureCache, get_backbone
-from .trainer import ContinualTrainer, RunError, run_continual, _checkpoint
+from .trainer import ContinualTrainer, RunError, run_continual, holdout_split, _checkpoint, _seed_for
 
 # %% auto #0
 __all__ = ['train_expert', 'check_parallel', 'ParallelExperts', 'run_parallel']
@@ -31,7 +31,9 @@ def train_expert(base_path, t:int, datasets, classes:list, expert_path, threads:
     trainer.num_tasks = t
     extractor = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
     cache = FeatureCache(cfg.cache_dir)
-    parts = [cache.features(extractor, ds, progress=False) for ds in datasets]
+    gen = torch.Generator().manual_seed(_seed_for(cfg.seed, t))   # the serial run's split: same seed, same class order
+    parts = [holdout_split(cache.features(extractor, ds, progress=False), cfg.threshold_holdout, gen, c)[0]
+             for c, ds in zip(classes, datasets)]
     labels = [c for c, f in zip(classes, parts) for _ in range(len(f))]
     before = {k: v.clone() for k, v in trainer.flow.state_dict().items()}
     trainer.flow.to(device)
