@@ -23,9 +23,10 @@ from .inference import (Hypothesis, hierarchical_bootstrap, decide_all, implied_
 
 # %% auto #0
 __all__ = ['ARMS', 'BASE', 'REFERENCE', 'TAIL', 'DATASETS', 'TEXTURES', 'QUICK', 'FULL', 'HYPOTHESES', 'MEDIATORS',
-           'selection_wired', 'runnable_arms', 'update_norms', 'matched_lr_factor', 'tail_calibration', 'class_record',
-           'run_record', 'run_one', 'run_study', 'load_runs', 'results_rows', 'effect_data', 'mediation_table',
-           'scenario', 'verdicts', 'write_tables', 'plot_study', 'main']
+           'STEP_SECONDS', 'selection_wired', 'runnable_arms', 'update_norms', 'matched_lr_factor', 'tail_calibration',
+           'class_record', 'run_record', 'run_one', 'run_study', 'load_runs', 'results_rows', 'effect_data',
+           'mediation_table', 'scenario', 'verdicts', 'write_tables', 'plot_study', 'planned_steps', 'estimate_hours',
+           'repo_study_dir', 'open_study', 'study_label', 'read_csv', 'to_markdown', 'main']
 
 # %% ../nbs/09f_study.ipynb #9cbb6d1e
 ARMS = {
@@ -200,9 +201,13 @@ def _roots(datasets, tiny, image_size, shared=None) -> dict:
     return out
 
 def run_study(out, quick:bool=False, arms:dict|None=None, seeds=None, shared=None, rerun_stale:bool=False,
-              progress:bool=True, cache_dir=None, overrides:dict|None=None) -> dict:
+              progress:bool=True, cache_dir=None, overrides:dict|None=None, datasets=None) -> dict:
     "Run (or resume) the study into `out` and write its tables; returns the paths written."
     P, out = dict(QUICK if quick else FULL), Path(out)
+    if datasets is not None:
+        bad = sorted(set(datasets) - set(P['datasets']))
+        if bad: raise ValueError(f"unknown data sets {bad}: the study knows {sorted(P['datasets'])}")
+        P['datasets'] = {k: v for k, v in P['datasets'].items() if k in datasets}
     arms = dict(ARMS if arms is None else arms)
     arms, skipped = runnable_arms(arms)
     if skipped and not quick:
@@ -481,6 +486,62 @@ def plot_study(runs, vd:dict, med:list[dict], fig_dir) -> list[Path]:
     paths.append(save_figure(fig, fig_dir, 'mediation'))
     return paths
 
+# %% ../nbs/09f_study.ipynb #5e7208f2
+STEP_SECONDS = 1.0   # measured: one optimizer step of main (batch 8, 28x28 patches, D=128) at one thread on the 2-core machine
+
+def planned_steps(datasets:dict, roots:dict, epochs:int|None=None, batch_size:int|None=None) -> dict:
+    "Optimizer steps per arm and seed of each data set: sum over its classes of ceil(n_train / batch) x epochs."
+    cfg = MoLEConfig()
+    epochs, bs = epochs or cfg.epochs, batch_size or cfg.batch_size
+    out = {}
+    for ds, classes in datasets.items():
+        n = [len([p for p in (Path(roots[ds]) / c / 'train' / 'good').iterdir() if p.is_file()]) for c in classes]
+        out[ds] = sum(math.ceil(x / bs) * epochs for x in n)
+    return out
+
+def estimate_hours(steps:dict, n_arms:int, n_seeds:int, step_seconds:float=STEP_SECONDS, overhead:float=0.15) -> float:
+    "Estimated wall hours of the study: steps x arms x seeds x seconds per step, plus a fraction for evaluation and probes."
+    return sum(steps.values()) * n_arms * n_seeds * step_seconds * (1 + overhead) / 3600
+
+# %% ../nbs/09f_study.ipynb #11be6482
+def repo_study_dir() -> Path:
+    "The repository's `results/study/` (where `make study` writes)."
+    import moleflow
+    return Path(moleflow.__file__).resolve().parents[1] / 'results' / 'study'
+
+def open_study(study_dir=None, quick_dir=None, progress:bool=False) -> tuple[Path, dict]:
+    "A study folder with its tables and its `study.json`: `study_dir` (default results/study) if finished, else the quick variant."
+    study_dir = Path(study_dir) if study_dir is not None else repo_study_dir()
+    if (study_dir / 'study.json').is_file() and (study_dir / 'verdicts.csv').is_file():
+        return study_dir, json.loads((study_dir / 'study.json').read_text())
+    from moleflow.analysis import analysis_dir
+    quick_dir = Path(quick_dir) if quick_dir is not None else analysis_dir('study_quick')
+    run_study(quick_dir, quick=True, progress=progress, rerun_stale=True)   # tiny and regenerable: rerun when the code changed
+    return quick_dir, json.loads((quick_dir / 'study.json').read_text())
+
+def study_label(manifest:dict, folder) -> str:
+    "What a reader must know before any number of the study folder: findings, or a tiny-data example."
+    if manifest.get('quick'):
+        return (f"**The real study has not been run yet** (no finished study in `results/study/`). What follows is the quick "
+                f"variant, run into `{folder}` on tiny generated data ({manifest['parameters']['epochs']} epoch, seeds "
+                f"{manifest['seeds']}): an example of the tables, **not findings**. Run `make study` for the real ones.")
+    return (f"Study in `{folder}`: data sets {sorted(manifest['datasets'])}, seeds {manifest['seeds']}, arms "
+            f"{sorted(manifest['arms'])}, code {manifest['code']}, started {manifest['started']}.")
+
+def read_csv(path) -> list[dict]:
+    "Rows of a study CSV as dicts (numbers as floats, empty cells as None)."
+    def num(v):
+        if v == '': return None
+        try: return float(v)
+        except ValueError: return v
+    with open(path, newline='') as fh: return [{k: num(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+
+def to_markdown(rows:list[dict], cols:list[str], fmt:str='.3g') -> str:
+    "A markdown table of `rows` (dicts) over `cols`; numbers formatted with `fmt`, None as a dash."
+    cell = lambda v: '–' if v is None else (format(v, fmt) if isinstance(v, float) else str(v))
+    lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+    return '\n'.join(lines + ['| ' + ' | '.join(cell(r.get(c)) for c in cols) + ' |' for r in rows])
+
 # %% ../nbs/09f_study.ipynb #c4ad5b87
 def main(argv=None):
     "Command line of the tail-aware study (make study / make study-quick)."
@@ -489,6 +550,7 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true', help='the tiny variant (generated data, 1 epoch, 2 seeds): for CI, never findings')
     p.add_argument('--seeds', nargs='+', type=int, help='seeds (default: 0-4, quick: 0 1)')
     p.add_argument('--arms', nargs='+', choices=sorted(ARMS), help='arms (default: all)')
+    p.add_argument('--datasets', nargs='+', choices=sorted(DATASETS), help='data sets (default: all three)')
     p.add_argument('--shared', help='the shared data folder (default: ../shared/data beside the repository)')
     p.add_argument('--rerun-stale', action='store_true', help='re-run finished runs made by other code or config')
     p.add_argument('--tables-only', action='store_true', help='only rebuild the tables and figures from the run files')
@@ -496,5 +558,6 @@ def main(argv=None):
     if a.tables_only: paths = write_tables(a.out, n_boot=(QUICK if a.quick else FULL)['n_boot'])
     else:
         arms = None if not a.arms else {k: ARMS[k] for k in a.arms}
-        paths = run_study(a.out, quick=a.quick, arms=arms, seeds=a.seeds, shared=a.shared, rerun_stale=a.rerun_stale)
+        paths = run_study(a.out, quick=a.quick, arms=arms, seeds=a.seeds, shared=a.shared, rerun_stale=a.rerun_stale,
+                          datasets=a.datasets)
     for k, v in paths.items(): print(f"{k}: {v}")
