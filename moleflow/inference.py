@@ -37,10 +37,10 @@ class Hypothesis:
     def rule(self) -> str:
         "The decision rule, in words, fixed by the record alone."
         side, lo, hi = ('above' if self.direction == 'greater' else 'below'), self.null - self.sesoi, self.null + self.sesoi
-        return (f"supported if the effect lies {side} {self.null:g} (one-sided bootstrap p, Holm-adjusted over the study, "
-                f"< {self.alpha:g}) and its estimate is at least {self.sesoi:g} {side} it; not_supported if it lies inside "
-                f"the equivalence band [{lo:g}, {hi:g}] (TOST, Holm-adjusted p < {self.alpha:g}) or significantly on the "
-                f"other side; otherwise inconclusive")
+        return (f"supported if the effect lies {side} {self.null:g} (one-sided bootstrap p, Holm-adjusted over the study's "
+                f"hypotheses, < {self.alpha:g}) and its estimate is at least {self.sesoi:g} {side} it; not_supported if it lies "
+                f"inside the equivalence band [{lo:g}, {hi:g}] (TOST) or significantly on the other side (the smaller p, "
+                f"doubled, Holm-adjusted over the study, < {self.alpha:g}); otherwise inconclusive")
 
 # %% ../nbs/09e_inference.ipynb #06c9611a
 def _seed_image_matrix(values, seeds, units):
@@ -99,28 +99,32 @@ def decide_all(records:dict, results:dict) -> dict:
     if unknown: raise ValueError(f"results for unregistered hypotheses {unknown}: register them (Hypothesis) before the data")
     ps = {hid: boot_pvalues(r['replicates'], h.null, h.sesoi, h.direction) if r is not None else None
           for hid, h in records.items() for r in [results.get(hid)]}
-    fam = {f'{hid}:{k}': (v[k] if v else math.nan) for hid, v in ps.items() for k in ('p_direction', 'p_equivalence', 'p_other_side')}
-    adj, out = holm(fam), {}
+    got = {hid: v for hid, v in ps.items() if v}
+    adj_dir = holm({hid: v['p_direction'] for hid, v in got.items()})
+    adj_neg = holm({hid: min(1.0, 2 * min(v['p_equivalence'], v['p_other_side'])) for hid, v in got.items()})
+    out = {}
     for hid, h in records.items():
         r = results.get(hid)
         base = dict(id=hid, statement=h.statement, effect=h.effect, null=h.null, sesoi=h.sesoi, direction=h.direction,
                     alpha=h.alpha, rule=h.rule)
         if r is None or not np.isfinite(r['estimate']):
             out[hid] = dict(base, verdict='inconclusive', reason='no data: the runs this effect needs are missing',
-                            estimate=None, ci_low=None, ci_high=None, p_direction=None, p_equivalence=None, n_seeds=0, n_units=0)
+                            estimate=None, ci_low=None, ci_high=None, p_direction=None, p_not_supported=None,
+                            p_equivalence=None, p_other_side=None, n_seeds=0, n_units=0)
             continue
-        pd_, pe, po = (adj[f'{hid}:{k}'] for k in ('p_direction', 'p_equivalence', 'p_other_side'))
+        pd_, pn = adj_dir[hid], adj_neg[hid]
+        pe, po = ps[hid]['p_equivalence'], ps[hid]['p_other_side']
         sgn, est = (1 if h.direction == 'greater' else -1), r['estimate']
         big = sgn * (est - h.null) >= h.sesoi
         if pd_ < h.alpha and big: v, why = 'supported', f"p = {pd_:.3g} (Holm) and the estimate {est:.4g} is >= {h.sesoi:g} beyond {h.null:g}"
-        elif pe < h.alpha: v, why = 'not_supported', f"equivalent to {h.null:g} within ±{h.sesoi:g}: TOST p = {pe:.3g} (Holm)"
-        elif po < h.alpha: v, why = 'not_supported', f"significantly on the other side of {h.null:g}: p = {po:.3g} (Holm)"
+        elif pn < h.alpha and pe <= po: v, why = 'not_supported', f"equivalent to {h.null:g} within ±{h.sesoi:g}: TOST p = {pe:.3g}, Holm {pn:.3g}"
+        elif pn < h.alpha: v, why = 'not_supported', f"significantly on the other side of {h.null:g}: p = {po:.3g}, Holm {pn:.3g}"
         else:
             v = 'inconclusive'
             why = (f"significant (p = {pd_:.3g}) but smaller than the SESOI {h.sesoi:g}" if pd_ < h.alpha else
-                   f"neither beyond {h.null:g} (p = {pd_:.3g}) nor inside ±{h.sesoi:g} (TOST p = {pe:.3g}), Holm-adjusted")
+                   f"neither beyond {h.null:g} (Holm p = {pd_:.3g}) nor shown inside ±{h.sesoi:g} or on the other side (Holm p = {pn:.3g})")
         out[hid] = dict(base, verdict=v, reason=why, estimate=est, ci_low=r['ci_low'], ci_high=r['ci_high'],
-                        p_direction=pd_, p_equivalence=pe, p_other_side=po, n_seeds=r['n_seeds'], n_units=r['n_units'])
+                        p_direction=pd_, p_not_supported=pn, p_equivalence=pe, p_other_side=po, n_seeds=r['n_seeds'], n_units=r['n_units'])
     return out
 
 # %% ../nbs/09e_inference.ipynb #28537be7
