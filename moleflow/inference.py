@@ -238,13 +238,14 @@ def region_enrichment(tail_mask, fg) -> dict:
     return dict(tail_on_object=share_tail, all_on_object=share_all, effect=share_tail - share_all)
 
 # %% ../nbs/09e_inference.ipynb #774ccc0d
-def tail_coverage(train_feats, train_tail, test_feats, chunk:int=2048) -> dict:
+def tail_coverage(train_feats, train_tail, test_feats, max_cells:int=50_000_000) -> dict:
     "Share of `test_feats (M,D)` whose nearest training patch `train_feats (N,D)` is in the tail (`train_tail (N,)` bool)."
     A, T, Q = np.asarray(train_feats, dtype=np.float32), np.asarray(train_tail, bool), np.asarray(test_feats, dtype=np.float32)
     if len(A) != len(T): raise ValueError(f"train_tail must give one flag per training patch ({len(A)}), got {len(T)}")
     if len(Q) == 0: return dict(coverage=math.nan, tail_share=float(T.mean()), effect=math.nan, n_test=0)
     nn = []
     a2 = (A ** 2).sum(1)
+    chunk = max(1, max_cells // len(A))              # test patches per block: at most max_cells distances in memory
     for i in range(0, len(Q), chunk):
         q = Q[i:i + chunk]
         nn.append(np.argmin(a2[None] - 2 * q @ A.T, 1))

@@ -17,6 +17,7 @@ from .trainer import ContinualTrainer, flow_loss
 from .evaluation import anomaly_maps, pixel_ap, image_auroc
 from .analysis import (make_study, train_model, class_nll, patch_labels, split_images, image_gradient_grid, tail_mask,
                                fisher_ratio, LayerLogdetRecorder, jsonable, tiny_data, save_figure)
+from .data import generate_default_dataset
 from .diagnosis import class_metrics, data_roots
 from .inference import (Hypothesis, hierarchical_bootstrap, decide_all, implied_gain, implied_share, mediation,
                                 cluster_test, foreground_mask, region_enrichment, tail_coverage, image_scores, AGGREGATIONS)
@@ -195,7 +196,7 @@ def _roots(datasets, tiny, image_size, shared=None) -> dict:
     out = {}
     for ds, classes in datasets.items():
         if ds == 'generated':
-            out[ds] = tiny_data(classes, image_size=image_size, **tiny) if tiny else __import__('moleflow.data', fromlist=['x']).generate_default_dataset(roots[ds], seed=0)
+            out[ds] = tiny_data(classes, image_size=image_size, **tiny) if tiny else generate_default_dataset(roots[ds], seed=0)
         else: out[ds] = roots[ds]
         if not Path(out[ds]).is_dir(): raise FileNotFoundError(f"data set {ds!r}: folder {out[ds]} not found (expected the MVTec layout)")
     return out
