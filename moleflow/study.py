@@ -326,7 +326,7 @@ def _single(runs, a:str, fn):
         if r['arm'] != a: continue
         for cls, c in r['classes'].items():
             v = fn(cls, c)
-            if v is not None and np.isfinite(v): vals.append(v); seeds.append(r['seed']); units.append(f"{r['dataset']}/{cls}")
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v): vals.append(v); seeds.append(r['seed']); units.append(f"{r['dataset']}/{cls}")
     return vals, seeds, units
 
 def _gain(runs):
@@ -350,8 +350,12 @@ def effect_data(runs:list[dict]) -> dict:
         gains = {a: _paired(runs, TAIL, REFERENCE, lambda c, a=a: c['image_auroc_by_aggregation'][a], False) for a in ('top_k', 'mean')}
         (vt, st, ut), (vm, sm, um) = gains['top_k'], gains['mean']
         return [x - y for x, y in zip(vt, vm)], st, ut
-    tail = lambda key: (lambda cls, c: None if not c.get('tail') else (
-        c['tail'][key] if not isinstance(c['tail'][key], dict) else None))
+    def tail(key, field=None):
+        "A tail statistic of a class record (None when the run kept no tail statistics or this one is missing)."
+        def get(cls, c):
+            v = (c.get('tail') or {}).get(key)
+            return v if field is None or v is None else v.get(field)
+        return get
     d = {'H0': _paired(runs, TAIL, REFERENCE, ap, True), 'H_random': _paired(runs, TAIL, 'random_k', ap, True),
          'H_bottom': _paired(runs, TAIL, 'bottom_k', ap, True), 'H_matched': _paired(runs, TAIL, 'matched_step', ap, True),
          'H_dose': _paired(runs, 'tail_w1.0', 'tail_w0.3', ap, True), 'H5': _paired(runs, TAIL, 'ratio0.2', ap, True),
@@ -363,9 +367,9 @@ def effect_data(runs:list[dict]) -> dict:
          'H7': _paired(runs, REFERENCE, TAIL, med('tail_calibration'), False),
          'H_align': align(runs),
          'H1': _single(runs, TAIL, tail('edge_enrichment')),
-         'H_cluster': _single(runs, TAIL, lambda cls, c: (c.get('tail') or {}).get('cluster', {}) and c['tail']['cluster']['effect']),
-         'H_region': _single(runs, TAIL, lambda cls, c: (c.get('tail') or {}).get('region') and c['tail']['region']['effect']),
-         'H_coverage': _single(runs, TAIL, lambda cls, c: (c.get('tail') or {}).get('coverage') and c['tail']['coverage']['effect'])}
+         'H_cluster': _single(runs, TAIL, tail('cluster', 'effect')),
+         'H_region': _single(runs, TAIL, tail('region', 'effect')),
+         'H_coverage': _single(runs, TAIL, tail('coverage', 'effect'))}
     unknown = set(d) ^ set(HYPOTHESES)
     if unknown: raise RuntimeError(f"effects and registered hypotheses differ: {sorted(unknown)}")
     return d

@@ -96,3 +96,21 @@ def test_finished_run_by_this_code_is_reused(tmp_path):
     (tmp_path / 'status.json').write_text(json.dumps({'state': 'done', 'code': package_hash(), 'config': cfg}))
     (tmp_path / 'results.json').write_text('{"arm": "mean_only", "reused": true}')
     assert run_one(tmp_path, _Stub(), 'mean_only', {'tail_weight': 0.0}, 0, 0.02, tail_stats=False)['reused'] is True
+
+def _run(arm, seed, aps, fisher):
+    "A minimal finished-run record: one class, per-image pixel AP and one mediator."
+    med = dict(grad_gini=None, grad_tail_share=None, grad_tail_mean=None, grad_rest_mean=None, tail_calibration=None,
+               fisher_ratio=fisher, logdet_spread=None)
+    c = dict(metrics={'pixel_ap': float(np.mean([a for a in aps if a is not None]))}, per_image={'pixel_ap': aps},
+             image_auroc_by_aggregation={'mean': 0.5, 'max': 0.5, 'top_k': 0.5}, mediators=med, patches=64, k=1)
+    return dict(dataset='d', arm=arm, seed=seed, config={'tail_weight': 0.7}, classes={'c': c})
+
+def test_effects_pair_runs_on_seed_class_and_image():
+    runs = [_run('mean_only', 0, [0.1, None, 0.3], 1.0), _run('tail_w0.7', 0, [0.2, None, 0.6], 1.5),
+            _run('mean_only', 1, [0.1, None, 0.2], 2.0), _run('tail_w0.7', 1, [0.1, None, 0.5], 2.0),
+            _run('tail_w0.7', 2, [0.9, None, 0.9], 9.0)]                      # seed 2 has no mean-only run: left out
+    d = effect_data(runs)
+    vals, seeds, units = d['H0']
+    assert sorted(zip(seeds, units, np.round(vals, 9))) == [(0, 'd/c/0', 0.1), (0, 'd/c/2', 0.3), (1, 'd/c/0', 0.0), (1, 'd/c/2', 0.3)]
+    assert sorted(zip(d['H4'][1], d['H4'][0])) == [(0, 0.5), (1, 0.0)]
+    assert d['H_random'] == ([], [], [])
