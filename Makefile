@@ -21,8 +21,8 @@ help:
 	@echo "              resumable); ACCURACY_ARGS='--arms main dia2:dia_blocks=2 --seeds 0 1 2' to choose arms and seeds"
 	@echo "make study  - the tail-aware study of nbs/09f_study.ipynb (arms x mvtec_subset, bsdata, generated x 5 seeds) into"
 	@echo "              results/study/ (resumable, refuses runs made by other code); STUDY_ARGS='--arms ... --seeds ...'."
-	@echo "              ESTIMATED wall time on this 2-core machine: ~34 h at one thread for all 8 arms x 5 seeds x 3 data sets"
-	@echo "              at main's 25 epochs (2650 optimizer steps per arm and seed at ~1 s each, +15%); an estimate, see the"
+	@echo "              ESTIMATED wall time on this 2-core machine: ~38 h at one thread for all 8 arms x 5 seeds x 3 data sets"
+	@echo "              at main's 25 epochs (2650 optimizer steps per arm and seed at ~1 s each, +30%); an estimate, see the"
 	@echo "              'Wall time' section of nbs/09f_study.ipynb; --datasets/--arms/--seeds run a subset (bsdata is 2/3 of it)"
 	@echo "make study-quick - the same on tiny generated data (1 epoch, 2 seeds) into runs/study_quick: about 1-2 minutes"
 

@@ -504,7 +504,7 @@ def planned_steps(datasets:dict, roots:dict, epochs:int|None=None, batch_size:in
         out[ds] = sum(math.ceil(x / bs) * epochs for x in n)
     return out
 
-def estimate_hours(steps:dict, n_arms:int, n_seeds:int, step_seconds:float=STEP_SECONDS, overhead:float=0.15) -> float:
+def estimate_hours(steps:dict, n_arms:int, n_seeds:int, step_seconds:float=STEP_SECONDS, overhead:float=0.3) -> float:
     "Estimated wall hours of the study: steps x arms x seeds x seconds per step, plus a fraction for evaluation and probes."
     return sum(steps.values()) * n_arms * n_seeds * step_seconds * (1 + overhead) / 3600
 
