@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, asdict
 import numpy as np
 from scipy.cluster.vq import kmeans2
+from scipy.spatial.distance import cdist
 
 # %% auto #0
 __all__ = ['VERDICTS', 'AGGREGATIONS', 'Hypothesis', 'hierarchical_bootstrap', 'boot_pvalues', 'holm', 'decide_all',
@@ -186,13 +187,12 @@ def hopkins(X, m:int|None=None, seed:int=0) -> float:
     "Hopkins statistic of the rows of `X`: ~0.5 for uniformly spread points, towards 1 for clustered ones."
     X = np.asarray(X, dtype=float); n = len(X)
     if n < 4: raise ValueError(f"need at least 4 points, got {n}")
-    rng = np.random.default_rng(seed); m = m or max(2, n // 10)
+    rng = np.random.default_rng(seed); m = m or min(500, max(2, n // 10))
     lo, hi = X.min(0), X.max(0)
     U = rng.uniform(lo, hi, (m, X.shape[1]))
     idx = rng.choice(n, m, replace=False)
-    d = lambda A, B: np.sqrt(((A[:, None] - B[None]) ** 2).sum(-1))
-    u = d(U, X).min(1)
-    dw = d(X[idx], X); dw[np.arange(m), idx] = np.inf
+    u = cdist(U, X).min(1)                               # (m, n) distances only: never an (m, n, D) array
+    dw = cdist(X[idx], X); dw[np.arange(m), idx] = np.inf
     w = dw.min(1)
     return float(u.sum() / (u.sum() + w.sum()))
 
