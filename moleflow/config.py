@@ -35,6 +35,12 @@ ABLATIONS = dict(
     no_logdet_reg='no log-det regularisation: logdet_reg=0',
 )
 
+# %% ../nbs/08_config.ipynb #8af54a00
+from .losses import TAIL_SELECTIONS
+
+# %% ../nbs/08_config.ipynb #ef744a6a
+CHOICES['tail_selection'] = TAIL_SELECTIONS   # the enumeration lives next to the loss (notebook 02)
+
 # %% ../nbs/08_config.ipynb #683fc693
 @dataclass
 class MoLEConfig:
@@ -112,6 +118,8 @@ class MoLEConfig:
     # decision thresholds of `moleflow predict` (notebook 03b)
     threshold_holdout: float = 0.0  # fraction of each class's train/good held out of training to calibrate the threshold; 0: calibrate on the training images (metrics unchanged)
     threshold_quantile: float = 0.99  # a task's threshold: this quantile of the image scores of its normal images
+    # the tail-aware study's training interventions (issue 17): which k patches per image get the tail weight
+    tail_selection: str = 'top_k'   # one of losses.TAIL_SELECTIONS: 'top_k' (main), 'random_k' (redrawn each step), 'bottom_k'
 
     def __post_init__(self): self.apply_ablations().validate()
 
