@@ -22,11 +22,12 @@ __all__ = ['DATASETS', 'METRICS', 'flow_loss', 'lr_factor', 'NonFiniteLossError'
            'load_run', 'evaluate_run']
 
 # %% ../nbs/03_continual_trainer.ipynb #821373e8
-def flow_loss(z, logdet, cfg: MoLEConfig):
-    "The training loss for latents `z (B,H,W,D)` and per-patch log-dets `(B,H,W)`, and its parts."
+def flow_loss(z, logdet, cfg: MoLEConfig, generator: torch.Generator|None = None):
+    "The training loss for latents `z (B,H,W,D)` and per-patch log-dets `(B,H,W)`, and its parts; `generator` draws the patches of `tail_selection='random_k'`."
     nll = patch_nll(z, logdet)
     if cfg.focal_gamma > 0: main = focal_nll(nll, gamma=cfg.focal_gamma, dim=z.shape[-1])
-    elif cfg.tail_weight > 0: main = tail_aware_loss(nll, tail_weight=cfg.tail_weight, top_k_ratio=cfg.tail_top_k_ratio)
+    elif cfg.tail_weight > 0: main = tail_aware_loss(nll, tail_weight=cfg.tail_weight, top_k_ratio=cfg.tail_top_k_ratio,
+                                                     selection=cfg.tail_selection, generator=generator)
     else: main = mean_nll(nll)
     parts = {'nll': mean_nll(nll).detach(), 'main': main.detach()}
     loss = main
@@ -147,7 +148,7 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
             x = feats[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
             if cfg.train_noise > 0: x = x + cfg.train_noise * noise_scale * torch.randn(x.shape, generator=gen)
             z, logdet = self.flow(x, task=t)
-            loss, parts = flow_loss(z, logdet, cfg)
+            loss, parts = flow_loss(z, logdet, cfg, generator=gen)
             opt.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 nonfinite += 1
