@@ -4,24 +4,29 @@
 
 # %% ../nbs/08_config.ipynb #59f64635
 from __future__ import annotations
-import dataclasses, difflib, json, os, typing
+import copy, dataclasses, difflib, json, os, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import yaml
+from .lora import _SCALINGS
+from .coupling_flow import _ADAPTERS, _CONTEXT_MODES
+from .flow_variants import _CP_CONTEXTS, _VARIANT_SUBNETS
+from .router import PrototypeRouter
+from .evaluation import AGGREGATIONS
 
 # %% auto #0
 __all__ = ['CHOICES', 'ABLATIONS', 'PRESETS', 'VERSIONS', 'MoLEConfig', 'get_preset', 'check_keys', 'parse_overrides',
            'make_config', 'atomic_write_text', 'save_config', 'load_config']
 
 # %% ../nbs/08_config.ipynb #50df296c
-CHOICES = dict(
-    subnet_type=('context', 'mlp', 'cross_patch'),
-    cross_patch_context=('learned', 'fixed', 'none'),
-    context_mode=('gate', 'alpha'),
-    adapter=('whitening', 'film', 'instance_norm', 'none'),
-    lora_scaling=('alpha/rank', 'alpha/(2*rank)'),
-    router=('mahalanobis', 'euclidean', 'oracle'),
-    score_aggregation=('max', 'mean', 'percentile', 'top_k', 'top_k_percent'),
+CHOICES = dict(          # each read from the module that implements it
+    subnet_type=_VARIANT_SUBNETS,
+    cross_patch_context=_CP_CONTEXTS,
+    context_mode=_CONTEXT_MODES,
+    adapter=_ADAPTERS,
+    lora_scaling=_SCALINGS,
+    router=(*PrototypeRouter.metrics, 'oracle'),   # 'oracle': the true task id instead of a router (the trainer's evaluation)
+    score_aggregation=AGGREGATIONS,
 )
 
 ABLATIONS = dict(
@@ -34,6 +39,18 @@ ABLATIONS = dict(
     no_tail_loss='mean NLL instead of the tail-aware loss: tail_weight=0',
     no_logdet_reg='no log-det regularisation: logdet_reg=0',
 )
+
+def _ablated(cfg) -> dict:
+    "The fields that `cfg`'s switched-on ablations turn off, with the values they take (`no_lora` has none: the flow reads it)."
+    out = {}
+    if cfg.no_router: out['router'] = 'oracle'
+    if cfg.no_adapter: out['adapter'] = 'none'
+    if cfg.no_pos_embed: out['pos_embed'] = False
+    if cfg.no_spatial_context: out.update(spatial_mixer=False, cross_patch_context='none')
+    if cfg.no_scale_context and cfg.subnet_type == 'context': out['subnet_type'] = 'mlp'
+    if cfg.no_tail_loss: out['tail_weight'] = 0.0
+    if cfg.no_logdet_reg: out['logdet_reg'] = 0.0
+    return out
 
 # %% ../nbs/08_config.ipynb #683fc693
 @dataclass
@@ -112,18 +129,19 @@ class MoLEConfig:
     threshold_holdout: float = 0.0  # fraction of each class's train/good held out of training to calibrate the threshold; 0: calibrate on the training images (metrics unchanged)
     threshold_quantile: float = 0.99  # a task's threshold: this quantile of the image scores of its normal images
 
-    def __post_init__(self): self.apply_ablations().validate()
+    def __post_init__(self): self.validate()
 
-    def apply_ablations(self):
-        "Set the fields that the switched-on ablations turn off (idempotent; `no_lora` is read by `build_flow`)."
-        if self.no_router: self.router = 'oracle'
-        if self.no_adapter: self.adapter = 'none'
-        if self.no_pos_embed: self.pos_embed = False
-        if self.no_spatial_context: self.spatial_mixer, self.cross_patch_context = False, 'none'
-        if self.no_scale_context and self.subnet_type == 'context': self.subnet_type = 'mlp'
-        if self.no_tail_loss: self.tail_weight = 0.0
-        if self.no_logdet_reg: self.logdet_reg = 0.0
-        return self
+    @property
+    def effective(self) -> MoLEConfig:
+        "A read-only copy with the switched-on ablations applied to the fields they turn off; what the run uses (this config stays as given)."
+        view = copy.copy(self)                                 # a copy, not re-made: no validation, no setattr
+        view.__dict__.update(_ablated(self), _read_only=True)
+        return view
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get('_read_only'):
+            raise AttributeError(f"config.effective is a read-only view; set {name!r} on the config itself")
+        super().__setattr__(name, value)
 
     def validate(self):
         "Check every field's type and the choices; raise `ValueError` naming the field."
@@ -157,6 +175,7 @@ class MoLEConfig:
         return self
 
     def _validate_variants(self):
+        self = self.effective                                  # the variants as they run: ablations applied
         for name in ('lora_grid', 'dia_blocks'):
             if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.cross_patch_gate < 1:
