@@ -128,7 +128,7 @@ def cmd_train(args):
 
 def cmd_eval(args):
     from moleflow.trainer import evaluate_run, write_skipped
-    from moleflow.config import atomic_write_text
+    from moleflow.files import atomic_write_text
     from moleflow.report import write_report
     out = Path(args.run)/'eval_metrics.json'
     if out.exists() and not args.overwrite: raise FileExistsError(f"{out} exists; use --overwrite to replace it")

@@ -8,6 +8,7 @@ import copy, dataclasses, difflib, json, os, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import yaml
+from .files import atomic_write_text
 from .lora import _SCALINGS
 from .coupling_flow import _ADAPTERS, _CONTEXT_MODES
 from .flow_variants import _CP_CONTEXTS, _VARIANT_SUBNETS
@@ -16,7 +17,7 @@ from .evaluation import AGGREGATIONS
 
 # %% auto #0
 __all__ = ['CHOICES', 'ABLATIONS', 'PRESETS', 'VERSIONS', 'MoLEConfig', 'get_preset', 'check_keys', 'parse_overrides',
-           'make_config', 'atomic_write_text', 'save_config', 'load_config']
+           'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/08_config.ipynb #50df296c
 CHOICES = dict(          # each read from the module that implements it
@@ -258,14 +259,14 @@ def _parse_value(name: str, text: str, hint):
         elif t is str: return text
     raise ValueError(f"--set {name}={text}: expected {_type_name(hint)}")
 
-def check_keys(keys, where: str = 'config'):
-    "Raise `ValueError` for keys that are not config fields, suggesting close names."
-    known = [f.name for f in fields(MoLEConfig)]
+def check_keys(keys, known=None, what: str = 'a config key'):
+    "Raise `ValueError` for the first of `keys` not in `known` (default: the config's fields), suggesting close names."
+    known = [f.name for f in fields(MoLEConfig)] if known is None else list(known)
     for k in keys:
         if k not in known:
             close = difflib.get_close_matches(k, known, n=3)
-            hint = f"; did you mean {close}?" if close else f"; known keys: {known}"
-            raise ValueError(f"unknown {where} key {k!r}{hint}")
+            hint = f"; did you mean {close}?" if close else f"; known: {known}"
+            raise ValueError(f"{k!r} is not {what}{hint}")
 
 def parse_overrides(items) -> dict:
     "Parse `['key=value', ...]` into a typed dict of config overrides."
@@ -274,7 +275,7 @@ def parse_overrides(items) -> dict:
         if '=' not in item: raise ValueError(f"override {item!r} must look like key=value")
         k, v = item.split('=', 1)
         k = k.strip()
-        check_keys([k], 'override')
+        check_keys([k], what='a config key (--set)')
         out[k] = _parse_value(k, v.strip(), hints[k])
     return out
 
@@ -285,14 +286,6 @@ def make_config(preset: str = 'main', overrides: dict | None = None) -> MoLEConf
     return MoLEConfig(**values)
 
 # %% ../nbs/08_config.ipynb #78cf9a5f
-def atomic_write_text(path, text: str):
-    "Write `text` to `path` atomically (temporary file in the same folder, then `os.replace`)."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    tmp.write_text(text, encoding='utf-8')
-    os.replace(tmp, path)
-
 def save_config(cfg: MoLEConfig, path):
     "Save `cfg` as JSON (`.json`) or YAML (`.yaml`/`.yml`)."
     path = Path(path)
@@ -308,6 +301,6 @@ def load_config(path) -> MoLEConfig:
     try: d = yaml.safe_load(text) if path.suffix in ('.yaml', '.yml') else json.loads(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e: raise ValueError(f"config file {path} is not valid: {e}") from None
     if not isinstance(d, dict): raise ValueError(f"config file {path} must hold a mapping of config keys")
-    check_keys(d, f'config file {path}:')
+    check_keys(d, what=f'a config key (config file {path})')
     try: return MoLEConfig(**d)
     except ValueError as e: raise ValueError(f"config file {path}: {e}") from None

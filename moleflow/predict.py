@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, torch
 from PIL import Image
 from tqdm.auto import tqdm
-from .config import atomic_write_text
+from .files import atomic_write_text
 from .data import IMAGE_SUFFIXES, DataError, MissingDataError, read_rgb, transform_image, denormalize
 from .features import get_backbone, FeatureCache
 from .trainer import load_run, score_features, write_skipped

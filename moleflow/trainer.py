@@ -9,7 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
-from .config import MoLEConfig, atomic_write_text, load_config, save_config
+from .config import MoLEConfig, load_config, save_config
+from .files import atomic_write_text, atomic_torch_save
 from .coupling_flow import MoLEFlow
 from .losses import patch_nll, tail_aware_loss, mean_nll, focal_nll, center_loss, logdet_reg
 from .router import PrototypeRouter
@@ -341,11 +342,8 @@ def normal_threshold(trainer: ContinualTrainer, feats: torch.Tensor, task: int, 
 
 # %% ../nbs/03_continual_trainer.ipynb #a4b5cc77
 def _checkpoint(path: Path, payload: dict):
-    "Save `payload` atomically: a temporary file in the same folder, then `os.replace`."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    "Save `payload` atomically (`moleflow.files`, notebook 08c)."
+    atomic_torch_save(path, payload)
 
 def _run_logger(out: Path):
     log = logging.getLogger(f'moleflow.run.{out.resolve()}')
