@@ -56,7 +56,7 @@ def main():
     ap.add_argument('--epochs', type=int, default=8, help='epochs per task of the training benchmark (fast preset)')
     ap.add_argument('--out', default=str(ROOT/'bench'/'results_parallel'), help='OUT.json and OUT.md are written')
     a = ap.parse_args()
-    from moleflow.data import generate_default_dataset
+    from moleflow.synthetic import generate_default_dataset
     with tempfile.TemporaryDirectory(prefix='moleflow-bench-parallel-') as td:
         work = Path(td)
         cache = ['--set', f'cache_dir={work/"cache"}']

@@ -482,7 +482,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     from lite0_hub import populate_hf_cache
     from moleflow.trainer import DATASETS
-    from moleflow.data import generate_default_dataset
+    from moleflow.synthetic import generate_default_dataset
     from moleflow.cli import DEMO_TASKS
     hub = populate_hf_cache(os.environ['HF_HOME'])
     print(f"HF hub cache entry {hub['repo_dir']} (from {hub['weights_id']}), HF_HUB_OFFLINE=1")

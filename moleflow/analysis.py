@@ -13,7 +13,8 @@ from scipy import stats
 from tqdm.auto import tqdm
 from .config import MoLEConfig, make_config
 from .files import atomic_write_text, atomic_torch_save
-from .data import generate_default_dataset, denormalize, list_categories
+from .data import denormalize, list_categories
+from .synthetic import generate_default_dataset
 from .features import get_backbone, FeatureCache
 from .losses import patch_nll, tail_k
 from .trainer import ContinualTrainer, ClassData, DATASETS, evaluate_seen

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_features.ipynb #eb32a95d
 from __future__ import annotations
-import difflib, hashlib, json, os, tempfile, time, warnings
+import difflib, hashlib, json, os, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType

@@ -10,7 +10,7 @@ __all__ = ['grid_weights', 'bilinear_weights', 'SpatialLoRALinear', 'NeighbourCo
 import math
 from functools import lru_cache, partial
 import torch, torch.nn as nn, torch.nn.functional as F
-from .lora import LoRALinear, _check_pos_int, _check_task
+from .lora import LoRALinear, _check_pos_int
 from .coupling_flow import MoLEFlow, MoLESubnet, _SUBNETS, _derive_seed, _seeded, _check_features, _mlp
 
 # %% ../nbs/01a_flow_variants.ipynb #15265522

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09c_sweep.ipynb #b82eff19
 from __future__ import annotations
-import ast, csv, difflib, itertools, json, os, re, signal, socket, subprocess, sys, time
+import ast, csv, itertools, json, os, re, signal, socket, subprocess, sys, time
 from pathlib import Path
 import yaml
 from .files import atomic_write_text
