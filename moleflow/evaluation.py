@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['AGGREGATIONS', 'gaussian_kernel1d', 'gaussian_blur', 'anomaly_maps', 'image_scores', 'image_auroc', 'image_ap',
            'image_f1_max', 'pixel_histograms', 'curve_metrics', 'pixel_metrics', 'pixel_auroc', 'pixel_ap',
-           'pixel_f1_max', 'aupro', 'evaluate_task', 'final_average', 'forgetting', 'bwt', 'ResultMatrix',
-           'plot_result_matrix', 'denormalize', 'plot_anomaly_grid']
+           'pixel_f1_max', 'aupro', 'evaluate_task', 'final_average', 'forgetting', 'bwt', 'plot_result_matrix',
+           'denormalize', 'plot_anomaly_grid']
 
 # %% ../nbs/07_evaluation.ipynb #f59dcd7c
 import math
@@ -268,74 +268,6 @@ def bwt(R) -> float:
     "BWT = mean over j<T of R[T][j] - R[j][j] (NaN for a single task)."
     R = _square(R); T = len(R) - 1
     return _nanmean([R[T, j] - R[j, j] for j in range(T)])
-
-# %% ../nbs/07_evaluation.ipynb #ab027f33
-def _json(v):
-    "A float, or None for NaN (JSON has no NaN)."
-    v = float(v)
-    return None if math.isnan(v) else v
-
-class ResultMatrix:
-    "Per metric, R[i][j] = metric on task j after training task i; with final average, forgetting and BWT."
-    def __init__(self, tasks:list[str]):
-        if not isinstance(tasks, (list, tuple)) or not tasks:
-            raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
-        self.tasks, self.values = [str(t) for t in tasks], {}
-
-    @property
-    def metrics(self) -> list[str]:
-        "Names of the metrics recorded so far."
-        return list(self.values)
-
-    @property
-    def last(self) -> int:
-        "Index T of the last task with a recorded row (-1 when empty)."
-        rows = [i for R in self.values.values() for i in range(len(R)) if not np.isnan(R[i]).all()]
-        return max(rows, default=-1)
-
-    def record(self, trained:int, evaluated:int, results:dict):
-        "Store every numeric value of `results` at R[trained][evaluated]."
-        n = len(self.tasks)
-        for name, v in (('trained', trained), ('evaluated', evaluated)):
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n:
-                raise ValueError(f"{name} must be a task index in [0, {n - 1}], got {v!r}")
-        for k, v in results.items():
-            if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
-                self.values.setdefault(k, np.full((n, n), np.nan))[trained, evaluated] = float(v)
-        return self
-
-    def matrix(self, metric:str) -> np.ndarray:
-        "Copy of the (T+1)x(T+1) matrix of `metric` up to the last recorded task (NaN where not evaluated)."
-        if metric not in self.values:
-            raise ValueError(f"metric must be one of the recorded metrics {self.metrics}, got {metric!r}")
-        t = self.last + 1
-        return self.values[metric][:t, :t].copy()
-
-    def final_average(self, metric:str) -> float: return final_average(self.matrix(metric))
-    def forgetting(self, metric:str) -> float: return forgetting(self.matrix(metric))
-    def bwt(self, metric:str) -> float: return bwt(self.matrix(metric))
-
-    def to_dict(self) -> dict:
-        "JSON-safe summary: tasks, final[task][metric], mean, matrix, forgetting, bwt (None for NaN)."
-        T = self.last
-        return dict(tasks=list(self.tasks),
-                    final={self.tasks[j]: {m: _json(self.values[m][T, j]) for m in self.metrics} for j in range(T + 1)},
-                    mean={m: _json(self.final_average(m)) for m in self.metrics},
-                    matrix={m: [[_json(v) for v in row] for row in self.matrix(m)] for m in self.metrics},
-                    forgetting={m: _json(self.forgetting(m)) for m in self.metrics},
-                    bwt={m: _json(self.bwt(m)) for m in self.metrics})
-
-    @classmethod
-    def from_dict(cls, d:dict):
-        "Rebuild from `to_dict()` output (uses its tasks and matrices)."
-        rm = cls(d['tasks'])
-        for m, rows in d['matrix'].items():
-            for i, row in enumerate(rows):
-                for j, v in enumerate(row):
-                    if v is not None: rm.record(i, j, {m: v})
-        return rm
-
-    def __repr__(self): return f"ResultMatrix(tasks={self.tasks}, metrics={self.metrics}, last={self.last})"
 
 # %% ../nbs/07_evaluation.ipynb #e59a5782
 def _save(fig, path) -> Path:
