@@ -19,6 +19,7 @@ from torch import Tensor
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from .data import IMAGENET_MEAN, IMAGENET_STD, denormalize as _denormalize
+from .files import atomic_write
 
 # %% ../nbs/07_evaluation.ipynb #554648b6
 def _shape(x):
@@ -271,11 +272,9 @@ def bwt(R) -> float:
 
 # %% ../nbs/07_evaluation.ipynb #e59a5782
 def _save(fig, path) -> Path:
-    "Save a figure to `path`, creating its folder."
+    "Save a figure to `path` atomically (`moleflow.files`), in the format its suffix names."
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return atomic_write(path, lambda p: fig.savefig(p, dpi=110, format=path.suffix[1:] or 'png'))
 
 def plot_result_matrix(R, labels:list[str], metric:str, path) -> Path:
     "Heat map of R[i][j] (rows: after training task i, columns: task j) saved to `path`."
