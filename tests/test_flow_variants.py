@@ -185,7 +185,7 @@ def test_no_lora_flow_has_no_experts():
     (dict(dia_blocks=-2), 'dia_blocks must be a non-negative int'),
     (dict(dia_blocks=1, dia_hidden=0), 'dia_hidden must be a positive int'),
     (dict(patch_attention=True, attention_hidden=0), 'attention_hidden must be a positive int'),
-    (dict(subnet='conv'), "subnet must be one of ('context', 'mlp')"),
+    (dict(subnet='conv'), "subnet must be one of ('context', 'mlp', 'cross_patch')"),
 ])
 def test_bad_construction(kw, msg):
     with pytest.raises(ValueError, match=re.escape(msg)): tiny(**kw)
