@@ -189,8 +189,8 @@ def run_moleflow(name, root, ds_cls, dataset, classes, a, bar):
             res[(method, c)] = r
         bar.update(2)
     return res, dict(split, wall_s=wall, config=dict(epochs=cfg.epochs, batch_size=cfg.batch_size, feature_dim=cfg.feature_dim,
-                                                      num_coupling_layers=cfg.num_coupling_layers, lora_rank=cfg.lora_rank, adapter=cfg.adapter,
-                                                      router=cfg.router, score_aggregation=cfg.score_aggregation),
+                                                      num_coupling_layers=cfg.num_coupling_layers, lora_rank=cfg.lora_rank, adapter=cfg.effective.adapter,
+                                                      router=cfg.effective.router, score_aggregation=cfg.score_aggregation),
                      forgetting=m['forgetting'], shared_params=int(counts['shared']))
 
 # ------------------------------------------------------------------------------------------------------------------
