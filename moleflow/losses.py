@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TAIL_SELECTIONS', 'patch_nll', 'bits_per_dim', 'mean_nll', 'tail_k', 'tail_indices', 'tail_aware_loss', 'focal_nll',
-           'center_loss', 'logdet_reg', 'check_finite']
+           'center_loss', 'logdet_reg']
 
 # %% ../nbs/02_losses.ipynb #2add7c03
 import math
@@ -100,11 +100,3 @@ def logdet_reg(logdet:Tensor, weight:float) -> Tensor:
     _check_rank(logdet, 3, 'logdet', '(B,H,W)')
     _check_weight(weight, 'weight')
     return weight * logdet.pow(2).mean()
-
-# %% ../nbs/02_losses.ipynb #52ce6513
-def check_finite(loss:Tensor, where:str) -> Tensor:
-    "Return `loss` unchanged, or raise `FloatingPointError` naming `where` if any entry is NaN or infinite."
-    if not torch.isfinite(torch.as_tensor(loss)).all():
-        vals = torch.as_tensor(loss).detach().flatten()[:4].tolist()
-        raise FloatingPointError(f"non-finite loss {vals} in {where}")
-    return loss

@@ -12,7 +12,8 @@ import torch
 from .config import MoLEConfig
 from .cluster import open_executor, check_request
 from .features import FeatureCache, get_backbone
-from .trainer import ContinualTrainer, RunError, run_continual, holdout_split, _checkpoint, _seed_for
+from .trainer import ContinualTrainer, RunError, run_continual, holdout_split, _seed_for
+from .files import atomic_torch_save
 
 # %% auto #0
 __all__ = ['train_expert', 'check_parallel', 'ParallelExperts', 'run_parallel']
@@ -45,7 +46,7 @@ def train_expert(base_path, t:int, datasets, classes:list, expert_path, threads:
     if moved: raise RuntimeError(f"task {t}: training changed shared weights ({', '.join(moved[:3])}); parallel training needs the "
                                  f"base frozen after task 0 (train this config serially)")
     own = {k: after[k] for k in sorted(set(after) - set(before))}
-    _checkpoint(Path(expert_path), dict(task=t, key=base['key'], flow=own, optimizer=opt.state_dict(),
+    atomic_torch_save(Path(expert_path), dict(task=t, key=base['key'], flow=own, optimizer=opt.state_dict(),
                                         history=trainer.history[-1], train_s=seconds))
     return str(expert_path)
 
@@ -77,7 +78,7 @@ class ParallelExperts:
         for k in range(t, len(tasks)):
             for c in tasks[k]: data[c].train_features   # extracted and cached here, once: every worker reads these numbers
         base = self.folder/'base.pt'
-        _checkpoint(base, dict(config=asdict(trainer.cfg), trainer=trainer.state_dict(), key=key))
+        atomic_torch_save(base, dict(config=asdict(trainer.cfg), trainer=trainer.state_dict(), key=key))
         for k in range(t, len(tasks)):
             p = self.folder/f'task_{k:02d}.pt'
             if self.reuse and p.is_file() and torch.load(p, weights_only=False, map_location='cpu').get('key') == key: self._ready[k] = p
