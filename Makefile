@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install export readme check-readme clean-nbs test test-nbs test-py demo lab bench bench-install accuracy docs help
+.PHONY: install export readme check-readme clean-nbs test test-nbs test-py demo lab bench bench-install accuracy study study-quick docs help
 
 help:
 	@echo "make test   - create .venv if needed, install pinned deps, export, run notebooks and pytest"
@@ -19,6 +19,12 @@ help:
 	@echo "              installs the [bench] extra (anomalib) first; BENCH_ARGS='--full --device cuda' for GPU settings"
 	@echo "make accuracy - the accuracy study of nbs/09d_accuracy.ipynb on ../shared/data and the generated set (results/accuracy/,"
 	@echo "              resumable); ACCURACY_ARGS='--arms main dia2:dia_blocks=2 --seeds 0 1 2' to choose arms and seeds"
+	@echo "make study  - the tail-aware study of nbs/09f_study.ipynb (arms x mvtec_subset, bsdata, generated x 5 seeds) into"
+	@echo "              results/study/ (resumable, refuses runs made by other code); STUDY_ARGS='--arms ... --seeds ...'."
+	@echo "              ESTIMATED wall time on this 2-core machine: ~38 h at one thread for all 8 arms x 5 seeds x 3 data sets"
+	@echo "              at main's 25 epochs (2650 optimizer steps per arm and seed at ~1 s each, +30%); an estimate, see the"
+	@echo "              'Wall time' section of nbs/09f_study.ipynb; --datasets/--arms/--seeds run a subset (bsdata is 2/3 of it)"
+	@echo "make study-quick - the same on tiny generated data (1 epoch, 2 seeds) into runs/study_quick: about 1-2 minutes"
 
 $(STAMP): requirements.txt constraints.txt settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -75,5 +81,14 @@ ACCURACY_ARGS ?=
 # nbs/09d_accuracy.ipynb's study: where and why the flow trails nearest-neighbour scoring, per class over seeds
 accuracy: export
 	$(BIN)/python tools/accuracy_study.py $(ACCURACY_ARGS)
+
+STUDY_ARGS ?=
+
+# nbs/09f_study.ipynb's study; notebook 17 and tutorials/03 read results/study/ (the quick variant is never a finding)
+study: export
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python tools/study.py $(STUDY_ARGS)
+
+study-quick: export
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python tools/study.py --quick --out runs/study_quick $(STUDY_ARGS)
 
 -include docs.mk

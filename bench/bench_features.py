@@ -10,7 +10,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / 'shared' / 'data' / 'mvtec_subset'
 sys.path.insert(0, str(ROOT))
-from moleflow.features import FeatureCache, IMAGENET_MEAN, IMAGENET_STD, get_backbone
+from moleflow.data import IMAGENET_MEAN, IMAGENET_STD
+from moleflow.features import FeatureCache, get_backbone
+from moleflow.files import atomic_write_text
 
 def datasets(root, classes):
     "One data set per (class, split); `moleflow.data.MVTecDataset` when exported, else a minimal stand-in."
@@ -91,8 +93,7 @@ def main():
     res = dict(backbone=ext.spec, data=str(DATA), loader=loader, batch_size=a.batch_size, repeats=a.repeats, rows=rows,
                total=total, loadavg_start=load0, loadavg_end=os.getloadavg(), torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
                machine=platform.platform(), date=time.strftime('%Y-%m-%dT%H:%M:%S'))
-    out = Path(a.out); tmp = out.with_name(f'.{out.name}.tmp{os.getpid()}')
-    tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out)   # atomic: a reader never sees half a file
+    atomic_write_text(a.out, json.dumps(res, indent=1))   # atomic: a reader never sees half a file
     print(f"load average at start/end: {load0[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
           f"(medians of {a.repeats} runs; a busy machine slows extraction most)")
     print(f"wrote {a.out}")

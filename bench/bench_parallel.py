@@ -56,7 +56,7 @@ def main():
     ap.add_argument('--epochs', type=int, default=8, help='epochs per task of the training benchmark (fast preset)')
     ap.add_argument('--out', default=str(ROOT/'bench'/'results_parallel'), help='OUT.json and OUT.md are written')
     a = ap.parse_args()
-    from moleflow.data import generate_default_dataset
+    from moleflow.synthetic import generate_default_dataset
     with tempfile.TemporaryDirectory(prefix='moleflow-bench-parallel-') as td:
         work = Path(td)
         cache = ['--set', f'cache_dir={work/"cache"}']
@@ -78,14 +78,15 @@ def main():
         res = dict(machine=dict(cores=os.cpu_count(), platform=platform.platform()), smoke=a.smoke,
                    train=bench_train(work, data, sets, a.workers), sweep=bench_sweep(work, data, params, a.workers))
     out = Path(tempfile.mkdtemp(prefix='moleflow-bench-smoke-'))/'results_parallel' if a.smoke else Path(a.out)
-    out.with_suffix('.json').write_text(json.dumps(res, indent=1) + '\n')
+    from moleflow.files import atomic_write_text
+    atomic_write_text(out.with_suffix('.json'), json.dumps(res, indent=1) + '\n')
     t, s = res['train'], res['sweep']
     md = ("| what | serial (s) | parallel (s) | speed-up | same result |\n|---|---|---|---|---|\n"
           f"| train, 4 tasks, --workers {t['workers']} | {t['serial_s']} | {t['parallel_s']} | {t['speedup']}x | "
           f"R matrices {'equal' if t['same_r_matrices'] else 'differ'} |\n"
           f"| sweep, 4 combinations, local:{s['workers']} vs local:1 | {s['serial_s']} | {s['parallel_s']} | {s['speedup']}x | "
           f"{'same rows' if s['same_rows'] else 'other rows'}, max difference {s['max_abs_diff']:.2g} |\n")
-    out.with_suffix('.md').write_text(f"Parallel vs serial on {os.cpu_count()} cores (bench/bench_parallel.py{' --smoke' if a.smoke else ''}).\n\n" + md)
+    atomic_write_text(out.with_suffix('.md'), f"Parallel vs serial on {os.cpu_count()} cores (bench/bench_parallel.py{' --smoke' if a.smoke else ''}).\n\n" + md)
     print(md); print(f"written: {out.with_suffix('.json')}, {out.with_suffix('.md')}")
 
 if __name__ == '__main__': main()

@@ -84,16 +84,6 @@ class PeakRSS:
         self._stop.set(); self._t.join(); self.peak = max(self.peak, self._p.memory_info().rss)
         self.peak_mb, self.delta_mb = self.peak / 2**20, (self.peak - self.start) / 2**20
 
-def atomic_write(path, data: bytes | str):
-    import tempfile
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644); os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-
 # ------------------------------------------------------------------------------------------------------------------
 # data: moleflow's loaders, shared by every method
 
@@ -116,7 +106,7 @@ def linked_root(root, classes: dict):
 
 def imagenet_norm(x):
     import torch
-    from moleflow.features import IMAGENET_MEAN, IMAGENET_STD
+    from moleflow.data import IMAGENET_MEAN, IMAGENET_STD
     return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 def metrics_of(maps, masks, labels, scores):
@@ -199,8 +189,8 @@ def run_moleflow(name, root, ds_cls, dataset, classes, a, bar):
             res[(method, c)] = r
         bar.update(2)
     return res, dict(split, wall_s=wall, config=dict(epochs=cfg.epochs, batch_size=cfg.batch_size, feature_dim=cfg.feature_dim,
-                                                      num_coupling_layers=cfg.num_coupling_layers, lora_rank=cfg.lora_rank, adapter=cfg.adapter,
-                                                      router=cfg.router, score_aggregation=cfg.score_aggregation),
+                                                      num_coupling_layers=cfg.num_coupling_layers, lora_rank=cfg.lora_rank, adapter=cfg.effective.adapter,
+                                                      router=cfg.effective.router, score_aggregation=cfg.score_aggregation),
                      forgetting=m['forgetting'], shared_params=int(counts['shared']))
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -431,7 +421,8 @@ def write_markdown(res, path):
           'moleflow\'s histogram binning (2^18 levels) and anomalib\'s clamping to [0, 1]. Image AUROC uses each method\'s own image score.',
           '', f"Profiling of moleflow's training step and inference path, before/after: [PROFILE.md](PROFILE.md).",
           '', '![results](results.png)', '']
-    atomic_write(path, '\n'.join(L))
+    from moleflow.files import atomic_write_text
+    atomic_write_text(path, '\n'.join(L))
 
 def cfg_of(runs, key):
     "A field of the moleflow config the bench ran (from its first data set)."
@@ -474,7 +465,8 @@ def write_figure(res, figs, path):
     fig.suptitle('moleflow vs anomalib peers (same images, same lite0 weights)')
     fig.tight_layout()
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=80); plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    from moleflow.files import atomic_write_bytes
+    atomic_write_bytes(path, buf.getvalue())
 
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -490,7 +482,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     from lite0_hub import populate_hf_cache
     from moleflow.trainer import DATASETS
-    from moleflow.data import generate_default_dataset
+    from moleflow.synthetic import generate_default_dataset
     from moleflow.cli import DEMO_TASKS
     hub = populate_hf_cache(os.environ['HF_HOME'])
     print(f"HF hub cache entry {hub['repo_dir']} (from {hub['weights_id']}), HF_HUB_OFFLINE=1")
@@ -561,7 +553,8 @@ def main(argv=None):
     write_figure(res, figs, out.with_suffix('.png'))
     write_markdown(res, out.with_suffix('.md'))
     plain = {f'{d}/{m}/{c}': {k: v for k, v in r.items() if not torch.is_tensor(v)} for (d, m, c), r in rows.items()}
-    atomic_write(out.with_suffix('.json'), json.dumps({**res, 'rows': plain}, indent=1, default=float))
+    from moleflow.files import atomic_write_text
+    atomic_write_text(out.with_suffix('.json'), json.dumps({**res, 'rows': plain}, indent=1, default=float))
     print(Path(out.with_suffix('.md')).read_text())
     print(f"wrote {out}.json, {out}.md, {out}.png in {(time.perf_counter() - t_start) / 60:.1f} min")
 

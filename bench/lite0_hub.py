@@ -7,19 +7,12 @@ folder laid out as huggingface_hub expects (`refs/main` -> `snapshots/<commit>/m
 the folder and set `HF_HUB_OFFLINE=1` *before* timm/huggingface_hub are imported, and timm's pretrained path loads them.
 Needs no anomalib.
 """
-import hashlib, json, os, tempfile
+import hashlib, json
 from pathlib import Path
+from moleflow.files import atomic_write
 
 REPO_ID = 'timm/tf_efficientnet_lite0.in1k'
 TIMM_NAME = 'tf_efficientnet_lite0'
-
-def _atomic(path: Path, write):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try: write(tmp); os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
 
 def populate_hf_cache(hf_home) -> dict:
     "Write the lite0 entry under `hf_home/hub`; returns its `repo_dir`, `commit`, `file` and moleflow's `weights_id`."
@@ -33,11 +26,11 @@ def populate_hf_cache(hf_home) -> dict:
     snap = repo_dir / 'snapshots' / commit
     f = snap / 'model.safetensors'
     if not f.is_file():
-        _atomic(f, lambda tmp: save_file(sd, tmp, metadata={'source': weights_id}))
+        atomic_write(f, lambda tmp: save_file(sd, tmp, metadata={'source': weights_id}))
         cfg = dict(architecture=TIMM_NAME, num_classes=1000, source=weights_id,
                    pretrained_cfg=dict(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], note='converted by moleflow bench'))
-        _atomic(snap / 'config.json', lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=1)))
-    _atomic(repo_dir / 'refs' / 'main', lambda tmp: Path(tmp).write_text(commit))
+        atomic_write(snap / 'config.json', lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=1)))
+    atomic_write(repo_dir / 'refs' / 'main', lambda tmp: Path(tmp).write_text(commit))
     return dict(repo_dir=str(repo_dir), commit=commit, file=str(f), weights_id=weights_id, tensors=len(sd))
 
 def timm_features_only(out_indices=(2, 3)):

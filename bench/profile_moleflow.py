@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / 'shared' / 'data' / 'mvtec_subset'
 sys.path.insert(0, str(ROOT))
 from moleflow.config import make_config
+from moleflow.files import atomic_write_text
 from moleflow.features import get_backbone
 from moleflow.trainer import ContinualTrainer, flow_loss
 from moleflow.evaluation import anomaly_maps, image_scores
@@ -97,6 +98,6 @@ def main():
         print('regions (total ms):', {k: round(v, 1) for k, v in res[name + ' regions'].items()})
     print(f"\ntraining step {res['train_step_ms']:.1f} ms (batch {cfg.batch_size}); inference {res['infer_ms_per_image']:.1f} ms/image "
           f"(batch {len(test_x)}); {torch.get_num_threads()} thread(s)")
-    if a.out: Path(a.out).write_text(json.dumps(res, indent=1))
+    if a.out: atomic_write_text(a.out, json.dumps(res, indent=1))
 
 if __name__ == '__main__': main()

@@ -1,18 +1,25 @@
 """Install the `[bench]` extra (anomalib) into the project venv only if it leaves moleflow's runtime untouched.
 
 Run from the repository root: `.venv/bin/python bench/safe_install.py [--dry-run]`. pip first resolves the install
-with `--dry-run --report`; if any protected package (torch, torchvision, numpy, timm, scikit-learn, scipy, matplotlib,
-nbdev, fastcore, papermill) would change version, nothing is installed and the script exits 1 naming them (add a pin
-to constraints.txt or to `bench_requirements` in settings.ini). Otherwise it installs `-e .[bench] -c constraints.txt`.
+with `--dry-run --report`; if any protected package (every package of settings.ini's `requirements`, the lite0 weights
+package among them, and of its `dev_requirements`, read from the file) would change version, nothing is installed and
+the script exits 1 naming them (add a pin to constraints.txt or to `bench_requirements` in settings.ini). Otherwise it installs `-e .[bench] -c constraints.txt`.
 """
-import argparse, json, subprocess, sys, tempfile
+import argparse, configparser, json, re, subprocess, sys, tempfile
 from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTECTED = ('torch', 'torchvision', 'numpy', 'timm', 'scikit-learn', 'scipy', 'matplotlib', 'nbdev', 'fastcore', 'papermill')
 
 def _norm(n): return n.lower().replace('_', '-')
+
+def protected(settings=ROOT / 'settings.ini') -> tuple[str, ...]:
+    "The packages moleflow runs and is tested with: the names in settings.ini's `requirements` and `dev_requirements`."
+    ini = configparser.ConfigParser(); ini.read(settings)
+    specs = ' '.join(ini['DEFAULT'].get(k, '') for k in ('requirements', 'dev_requirements')).split()
+    return tuple(dict.fromkeys(_norm(re.split(r'[\[<>=!~;]', s, maxsplit=1)[0]) for s in specs))
+
+PROTECTED = protected()
 
 def installed():
     return {_norm(d.metadata['Name']): d.version for d in metadata.distributions() if d.metadata['Name']}

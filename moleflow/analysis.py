@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from scipy import stats
 from tqdm.auto import tqdm
-from .config import MoLEConfig, make_config, atomic_write_text
-from .data import generate_default_dataset, denormalize, list_categories
+from .config import MoLEConfig, make_config
+from .files import atomic_write_text, atomic_torch_save
+from .data import denormalize, list_categories
+from .synthetic import generate_default_dataset
 from .features import get_backbone, FeatureCache
 from .losses import patch_nll, tail_k
-from .trainer import ContinualTrainer, ClassData, DATASETS, evaluate_seen, _checkpoint
+from .trainer import ContinualTrainer, ClassData, DATASETS, evaluate_seen
 try: import fcntl
 except ImportError: fcntl = None   # not POSIX: no file lock
 
@@ -527,7 +529,7 @@ def train_model(study:Study, variant:str='tail_aware', seed:int=0, overrides:dic
             f = study.data[c].train_features
             tr.train_task(f, classes=[c] * len(f), task_name=c)
     if use_cache:
-        _checkpoint(path, tr.state_dict())
+        atomic_torch_save(path, tr.state_dict())
         if probe is not None: atomic_write_text(ppath, json.dumps(probe.steps))
     return Trained(variant, int(seed), tr, probe, time.time() - t0)
 

@@ -128,7 +128,7 @@ def cmd_train(args):
 
 def cmd_eval(args):
     from moleflow.trainer import evaluate_run, write_skipped
-    from moleflow.config import atomic_write_text
+    from moleflow.files import atomic_write_text
     from moleflow.report import write_report
     out = Path(args.run)/'eval_metrics.json'
     if out.exists() and not args.overwrite: raise FileExistsError(f"{out} exists; use --overwrite to replace it")
@@ -142,13 +142,13 @@ def cmd_eval(args):
     print('mean', json.dumps({k: round(x, 4) for k, x in m['mean'].items()}))
 
 def cmd_make_data(args):
-    from moleflow.data import generate_default_dataset
+    from moleflow.synthetic import generate_default_dataset
     t0 = time.time()
     root = generate_default_dataset(args.out, seed=args.seed)
     print(f"wrote {root} in {time.time() - t0:.1f}s")
 
 def cmd_demo(args):
-    from moleflow.data import generate_default_dataset
+    from moleflow.synthetic import generate_default_dataset
     from moleflow.trainer import run_continual, markdown_table
     cfg = config_from_args(args)
     out = Path(args.out)

@@ -4,24 +4,30 @@
 
 # %% ../nbs/08_config.ipynb #59f64635
 from __future__ import annotations
-import dataclasses, difflib, json, os, typing
+import copy, dataclasses, difflib, json, os, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import yaml
+from .files import atomic_write_text
+from .lora import _SCALINGS
+from .coupling_flow import _ADAPTERS, _CONTEXT_MODES
+from .flow_variants import _CP_CONTEXTS, _VARIANT_SUBNETS
+from .router import PrototypeRouter
+from .evaluation import AGGREGATIONS
 
 # %% auto #0
 __all__ = ['CHOICES', 'ABLATIONS', 'PRESETS', 'VERSIONS', 'MoLEConfig', 'get_preset', 'check_keys', 'parse_overrides',
-           'make_config', 'atomic_write_text', 'save_config', 'load_config']
+           'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/08_config.ipynb #50df296c
-CHOICES = dict(
-    subnet_type=('context', 'mlp', 'cross_patch'),
-    cross_patch_context=('learned', 'fixed', 'none'),
-    context_mode=('gate', 'alpha'),
-    adapter=('whitening', 'film', 'instance_norm', 'none'),
-    lora_scaling=('alpha/rank', 'alpha/(2*rank)'),
-    router=('mahalanobis', 'euclidean', 'oracle'),
-    score_aggregation=('max', 'mean', 'percentile', 'top_k', 'top_k_percent'),
+CHOICES = dict(          # each read from the module that implements it
+    subnet_type=_VARIANT_SUBNETS,
+    cross_patch_context=_CP_CONTEXTS,
+    context_mode=_CONTEXT_MODES,
+    adapter=_ADAPTERS,
+    lora_scaling=_SCALINGS,
+    router=(*PrototypeRouter.metrics, 'oracle'),   # 'oracle': the true task id instead of a router (the trainer's evaluation)
+    score_aggregation=AGGREGATIONS,
 )
 
 ABLATIONS = dict(
@@ -34,6 +40,24 @@ ABLATIONS = dict(
     no_tail_loss='mean NLL instead of the tail-aware loss: tail_weight=0',
     no_logdet_reg='no log-det regularisation: logdet_reg=0',
 )
+
+def _ablated(cfg) -> dict:
+    "The fields that `cfg`'s switched-on ablations turn off, with the values they take (`no_lora` has none: the flow reads it)."
+    out = {}
+    if cfg.no_router: out['router'] = 'oracle'
+    if cfg.no_adapter: out['adapter'] = 'none'
+    if cfg.no_pos_embed: out['pos_embed'] = False
+    if cfg.no_spatial_context: out.update(spatial_mixer=False, cross_patch_context='none')
+    if cfg.no_scale_context and cfg.subnet_type == 'context': out['subnet_type'] = 'mlp'
+    if cfg.no_tail_loss: out['tail_weight'] = 0.0
+    if cfg.no_logdet_reg: out['logdet_reg'] = 0.0
+    return out
+
+# %% ../nbs/08_config.ipynb #8af54a00
+from .losses import TAIL_SELECTIONS
+
+# %% ../nbs/08_config.ipynb #ef744a6a
+CHOICES['tail_selection'] = TAIL_SELECTIONS   # the enumeration lives next to the loss (notebook 02)
 
 # %% ../nbs/08_config.ipynb #683fc693
 @dataclass
@@ -56,6 +80,7 @@ class MoLEConfig:
     context_max_alpha: float = 0.2
     clamp: float = 1.9              # affine clamping of the coupling blocks
     adapter: str = 'film'           # per-task input adapter (main: FiLM; measured best of the four in notebook 09)
+    adapter_logdet: bool = False    # add the adapter's per-channel log-scale to the log-det (shrinking the input no longer lowers the NLL)
     pos_embed: bool = True          # 2-D sinusoidal positional embedding
     spatial_mixer: bool = False     # depthwise residual context mixer before the flow
     lora_rank: int = 16
@@ -111,19 +136,22 @@ class MoLEConfig:
     # decision thresholds of `moleflow predict` (notebook 03b)
     threshold_holdout: float = 0.0  # fraction of each class's train/good held out of training to calibrate the threshold; 0: calibrate on the training images (metrics unchanged)
     threshold_quantile: float = 0.99  # a task's threshold: this quantile of the image scores of its normal images
+    # the tail-aware study's training interventions (issue 17): which k patches per image get the tail weight
+    tail_selection: str = 'top_k'   # one of losses.TAIL_SELECTIONS: 'top_k' (main), 'random_k' (redrawn each step), 'bottom_k'
 
-    def __post_init__(self): self.apply_ablations().validate()
+    def __post_init__(self): self.validate()
 
-    def apply_ablations(self):
-        "Set the fields that the switched-on ablations turn off (idempotent; `no_lora` is read by `build_flow`)."
-        if self.no_router: self.router = 'oracle'
-        if self.no_adapter: self.adapter = 'none'
-        if self.no_pos_embed: self.pos_embed = False
-        if self.no_spatial_context: self.spatial_mixer, self.cross_patch_context = False, 'none'
-        if self.no_scale_context and self.subnet_type == 'context': self.subnet_type = 'mlp'
-        if self.no_tail_loss: self.tail_weight = 0.0
-        if self.no_logdet_reg: self.logdet_reg = 0.0
-        return self
+    @property
+    def effective(self) -> MoLEConfig:
+        "A read-only copy with the switched-on ablations applied to the fields they turn off; what the run uses (this config stays as given)."
+        view = copy.copy(self)                                 # a copy, not re-made: no validation, no setattr
+        view.__dict__.update(_ablated(self), _read_only=True)
+        return view
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get('_read_only'):
+            raise AttributeError(f"config.effective is a read-only view; set {name!r} on the config itself")
+        super().__setattr__(name, value)
 
     def validate(self):
         "Check every field's type and the choices; raise `ValueError` naming the field."
@@ -157,6 +185,7 @@ class MoLEConfig:
         return self
 
     def _validate_variants(self):
+        self = self.effective                                  # the variants as they run: ablations applied
         for name in ('lora_grid', 'dia_blocks'):
             if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.cross_patch_gate < 1:
@@ -239,14 +268,14 @@ def _parse_value(name: str, text: str, hint):
         elif t is str: return text
     raise ValueError(f"--set {name}={text}: expected {_type_name(hint)}")
 
-def check_keys(keys, where: str = 'config'):
-    "Raise `ValueError` for keys that are not config fields, suggesting close names."
-    known = [f.name for f in fields(MoLEConfig)]
+def check_keys(keys, known=None, what: str = 'a config key'):
+    "Raise `ValueError` for the first of `keys` not in `known` (default: the config's fields), suggesting close names."
+    known = [f.name for f in fields(MoLEConfig)] if known is None else list(known)
     for k in keys:
         if k not in known:
             close = difflib.get_close_matches(k, known, n=3)
-            hint = f"; did you mean {close}?" if close else f"; known keys: {known}"
-            raise ValueError(f"unknown {where} key {k!r}{hint}")
+            hint = f"; did you mean {close}?" if close else f"; known: {known}"
+            raise ValueError(f"{k!r} is not {what}{hint}")
 
 def parse_overrides(items) -> dict:
     "Parse `['key=value', ...]` into a typed dict of config overrides."
@@ -255,7 +284,7 @@ def parse_overrides(items) -> dict:
         if '=' not in item: raise ValueError(f"override {item!r} must look like key=value")
         k, v = item.split('=', 1)
         k = k.strip()
-        check_keys([k], 'override')
+        check_keys([k], what='a config key (--set)')
         out[k] = _parse_value(k, v.strip(), hints[k])
     return out
 
@@ -266,14 +295,6 @@ def make_config(preset: str = 'main', overrides: dict | None = None) -> MoLEConf
     return MoLEConfig(**values)
 
 # %% ../nbs/08_config.ipynb #78cf9a5f
-def atomic_write_text(path, text: str):
-    "Write `text` to `path` atomically (temporary file in the same folder, then `os.replace`)."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    tmp.write_text(text, encoding='utf-8')
-    os.replace(tmp, path)
-
 def save_config(cfg: MoLEConfig, path):
     "Save `cfg` as JSON (`.json`) or YAML (`.yaml`/`.yml`)."
     path = Path(path)
@@ -289,6 +310,6 @@ def load_config(path) -> MoLEConfig:
     try: d = yaml.safe_load(text) if path.suffix in ('.yaml', '.yml') else json.loads(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e: raise ValueError(f"config file {path} is not valid: {e}") from None
     if not isinstance(d, dict): raise ValueError(f"config file {path} must hold a mapping of config keys")
-    check_keys(d, f'config file {path}:')
+    check_keys(d, what=f'a config key (config file {path})')
     try: return MoLEConfig(**d)
     except ValueError as e: raise ValueError(f"config file {path}: {e}") from None

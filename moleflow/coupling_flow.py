@@ -68,6 +68,10 @@ class InstanceNormAdapter(nn.Module):
         h = (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
         return h + self.gate * self.mlp(h)
 
+    def log_scale(self) -> torch.Tensor:
+        "log|det| of the per-channel scale after the normalisation: sum of log|weight| (the MLP residual is not counted)."
+        return self.weight.abs().log().sum()
+
 class FiLMAdapter(nn.Module):
     "v3 adapter: LayerNorm, per-channel FiLM, gated residual MLP; `task0_blend=b` mixes (1-b)*x + b*adapted."
     def __init__(self, dim:int, task0_blend:float|None=None, hidden:int|None=None):
@@ -87,6 +91,11 @@ class FiLMAdapter(nn.Module):
         y = h + torch.sigmoid(self.gate_logit) * self.mlp(h)
         return y if self.task0_blend is None else (1 - self.task0_blend) * x + self.task0_blend * y
 
+    def log_scale(self) -> torch.Tensor:
+        "log|det| of the per-channel scale after the normalisation: sum of log|gamma|, or of log|1 - b + b gamma| when blended (the MLP residual is not counted)."
+        s = self.gamma if self.task0_blend is None else 1 - self.task0_blend + self.task0_blend * self.gamma
+        return s.abs().log().sum()
+
 class WhiteningAdapter(nn.Module):
     "LayerNorm without affine, then a bounded per-channel affine: gamma in [0.5, 2], beta = 2*tanh(b)."
     def __init__(self, dim:int):
@@ -105,6 +114,10 @@ class WhiteningAdapter(nn.Module):
         _check_features(x, self.dim)
         return self.gamma * self.norm(x) + self.beta
 
+    def log_scale(self) -> torch.Tensor:
+        "log|det| of the per-channel scale after the normalisation: sum of log gamma."
+        return self.gamma.log().sum()
+
 # %% ../nbs/01_coupling_flow.ipynb #8eaf813e
 class SpatialContextMixer(nn.Module):
     "Residual depthwise k x k convolution over the patch grid; averaging init, gate starting at 0."
@@ -122,23 +135,20 @@ class SpatialContextMixer(nn.Module):
 
 # %% ../nbs/01_coupling_flow.ipynb #f02d693f
 class MoLESubnet(nn.Module):
-    "LoRALinear -> ReLU -> LoRALinear; one patch per row, the task passed explicitly."
+    "Linear -> ReLU -> Linear of LoRA layers (`linear`: `LoRALinear` or a variant of it); one patch per row, the task passed explicitly."
     def __init__(self, dims_in:int, dims_out:int, hidden:int=256, rank:int=16, alpha:float=16.0,
-                 scaling:str='alpha/rank', task_bias:bool=True):
+                 scaling:str='alpha/rank', task_bias:bool=True, linear:type=LoRALinear):
         super().__init__()
         _check_pos_int('hidden', hidden)
-        self.fc1 = LoRALinear(dims_in, hidden, rank, alpha, scaling, task_bias)
-        self.fc2 = LoRALinear(hidden, dims_out, rank, alpha, scaling, task_bias)
+        self.fc1 = linear(dims_in, hidden, rank, alpha, scaling, task_bias)
+        self.fc2 = linear(hidden, dims_out, rank, alpha, scaling, task_bias)
 
     def forward(self, x:torch.Tensor, task:int|None, spatial:tuple|None=None) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x, task)), task)
+        "Rows (N, dims_in) -> (N, dims_out); the layout `spatial` = (B, H, W) goes to the layers (a spatial expert reads it)."
+        return self.fc2(F.relu(self.fc1(x, task, spatial)), task, spatial)
 
 # %% ../nbs/01_coupling_flow.ipynb #ecacb0e7
 _CONTEXT_MODES = ('gate', 'alpha')
-
-def _stats(w:torch.Tensor) -> dict:
-    w = w.detach().float().flatten()
-    return dict(mean=w.mean().item(), std=w.std(unbiased=False).item(), min=w.min().item(), max=w.max().item())
 
 class MoLEContextSubnet(nn.Module):
     "Coupling subnet whose scale branch also sees a gated depthwise-conv context of neighbouring patches."
@@ -180,10 +190,6 @@ class MoLEContextSubnet(nn.Module):
         s = self.s_net(torch.cat([x, w * ctx], 1), task)
         return torch.cat([s, self.t_net(x, task)], 1)
 
-    def context_stats(self) -> dict|None:
-        "mean/std/min/max of the context weight (gate or alpha) of the last forward; None before any."
-        return None if self._last_weight is None else _stats(self._last_weight)
-
 # %% ../nbs/01_coupling_flow.ipynb #73fb0b0d
 class MoLECouplingBlock(AllInOneBlock):
     "FrEIA `AllInOneBlock` over (N, D) patch rows whose subnet gets `task` and `spatial` explicitly."
@@ -215,13 +221,13 @@ class MoLEFlow(nn.Module):
     def __init__(self, dim:int, n_blocks:int=8, hidden:int=256, rank:int=16, alpha:float=16.0,
                  lora_scaling:str='alpha/rank', task_bias:bool=True, subnet:str='context', context_mode:str='gate',
                  context_kernel:int=3, context_init_scale:float=0.1, context_max_alpha:float=0.2, clamp:float=1.9,
-                 adapter:str='whitening', pos_embed:bool=True, spatial_mixer:bool=False, task0_expert:bool=True,
-                 seed:int=0, global_affine_type:str='SOFTPLUS', lora:bool=True):
+                 adapter:str='film', pos_embed:bool=True, spatial_mixer:bool=False, task0_expert:bool=True,
+                 seed:int=0, global_affine_type:str='SOFTPLUS', lora:bool=True, adapter_logdet:bool=False):
         super().__init__()
         if _check_pos_int('dim', dim) < 2: raise ValueError(f"dim must be an int >= 2, got {dim}")
         _check_pos_int('n_blocks', n_blocks); _check_pos_int('hidden', hidden)
         if not callable(subnet) and subnet not in _SUBNETS:
-            raise ValueError(f"subnet must be one of {_SUBNETS} or a constructor (dims_in, dims_out) -> module, got {subnet!r}")
+            raise ValueError(f"subnet must be one of {_SUBNETS} or a constructor (dims_in, dims_out, **lora) -> module, got {subnet!r}")
         if adapter not in _ADAPTERS: raise ValueError(f"adapter must be one of {_ADAPTERS}, got {adapter!r}")
         if global_affine_type not in _AFFINE_TYPES:
             raise ValueError(f"global_affine_type must be one of {_AFFINE_TYPES}, got {global_affine_type!r}")
@@ -231,19 +237,36 @@ class MoLEFlow(nn.Module):
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         _check_lora_args(rank, alpha, lora_scaling, 'lora_scaling')
         self.dim, self.seed, self.adapter_kind, self.task0_expert = dim, seed, adapter, task0_expert
-        self.subnet_kind, self.use_pos_embed, self.lora = subnet, pos_embed, lora
+        self.subnet_kind, self.use_pos_embed, self.lora, self.clamp = subnet, pos_embed, lora, float(clamp)
+        self.adapter_logdet = adapter_logdet
         lora_kw = dict(hidden=hidden, rank=rank, alpha=alpha, scaling=lora_scaling, task_bias=task_bias)
-        if callable(subnet): make = subnet
+        if callable(subnet): make = partial(subnet, **lora_kw)
         elif subnet == 'mlp': make = partial(MoLESubnet, **lora_kw)
         else: make = partial(MoLEContextSubnet, **lora_kw, mode=context_mode, kernel=context_kernel,
                              init_scale=context_init_scale, max_alpha=context_max_alpha)
         perms = np.random.default_rng(_derive_seed(seed, 0))
         with _seeded(_derive_seed(seed, 1)):
-            self.blocks = nn.ModuleList(MoLECouplingBlock(dim, make, perms.permutation(dim), float(clamp),
+            self.blocks = nn.ModuleList(MoLECouplingBlock(dim, make, perms.permutation(dim), self.clamp,
                                                           global_affine_type) for _ in range(n_blocks))
             self.mixer = SpatialContextMixer(dim) if spatial_mixer else None
         self.adapters = nn.ModuleDict()
         self._tasks = []
+
+    @classmethod
+    def from_config(cls, cfg) -> 'MoLEFlow':
+        "The flow that `cfg` (a `MoLEConfig`, notebook 08) describes, its ablations applied: a `MoLEFlow`, or a `VariantFlow` (notebook 01a) when a design variant is on."
+        c = cfg.effective
+        kw = dict(n_blocks=c.num_coupling_layers, hidden=c.subnet_hidden, rank=c.lora_rank, alpha=c.lora_alpha,
+                  lora_scaling=c.lora_scaling, task_bias=c.lora_task_bias, subnet=c.subnet_type, context_mode=c.context_mode,
+                  context_kernel=c.context_kernel, context_init_scale=c.context_init_scale,
+                  context_max_alpha=c.context_max_alpha, clamp=c.clamp, adapter=c.adapter, pos_embed=c.pos_embed,
+                  spatial_mixer=c.spatial_mixer, task0_expert=c.task0_expert, seed=c.seed, lora=not c.no_lora,
+                  adapter_logdet=c.adapter_logdet)
+        if not (c.subnet_type == 'cross_patch' or c.lora_grid or c.patch_attention or c.dia_blocks): return cls(c.feature_dim, **kw)
+        from moleflow.flow_variants import VariantFlow     # notebook 01a builds on this one, so it is imported when it is asked for
+        return VariantFlow(c.feature_dim, **kw, cross_patch_context=c.cross_patch_context, cross_patch_gate=c.cross_patch_gate,
+                           lora_grid=c.lora_grid, patch_attention=c.patch_attention, attention_hidden=c.attention_hidden,
+                           dia_blocks=c.dia_blocks, dia_hidden=c.dia_hidden)
 
     # -- tasks -------------------------------------------------------------------------------------------------
     @property
@@ -294,11 +317,6 @@ class MoLEFlow(nn.Module):
         return dict(shared=sum(p.numel() for p in self.shared_parameters()),
                     per_task={t: sum(p.numel() for p in self.task_parameters(t)) for t in self.tasks})
 
-    def context_stats(self) -> dict|None:
-        "mean/std/min/max of the context weights (gates or alphas) of all blocks in the last forward; None if none."
-        ws = [b.subnet._last_weight for b in self.blocks if getattr(b.subnet, '_last_weight', None) is not None]
-        return _stats(torch.cat([w.flatten() for w in ws])) if ws else None
-
     # -- computation -------------------------------------------------------------------------------------------
     def prepare(self, x:torch.Tensor, task:int) -> torch.Tensor:
         "Non-invertible pre-processing of (B, H, W, D) features: task adapter, + positional embedding, mixer."
@@ -325,5 +343,7 @@ class MoLEFlow(nn.Module):
         return u.view(B, H, W, D)
 
     def forward(self, x:torch.Tensor, task:int) -> tuple[torch.Tensor, torch.Tensor]:
-        "Features x (B, H, W, D) -> latents z (B, H, W, D) and per-patch log-det (B, H, W)."
-        return self.flow_forward(self.prepare(x, task), task)
+        "Features x (B, H, W, D) -> latents z (B, H, W, D) and per-patch log-det (B, H, W), with the adapter's `log_scale` if `adapter_logdet`."
+        z, logdet = self.flow_forward(self.prepare(x, task), task)
+        if self.adapter_logdet and str(task) in self.adapters: logdet = logdet + self.adapters[str(task)].log_scale()
+        return z, logdet

@@ -19,8 +19,8 @@ from .trainer import ContinualTrainer, ClassData, task_epochs
 __all__ = ['SEQUENCES', 'METRIC_KEYS', 'AGGREGATIONS_COMPARED', 'ARMS', 'FEATURE_KEYS', 'ALONE', 'nn_distance_maps', 'sequence',
            'data_roots', 'open_classes', 'class_metrics', 'score_maps', 'code_version', 'run_record', 'run_path',
            'reference_record', 'run_study', 'load_study', 'class_results', 'fmt', 'to_markdown', 'gap_table',
-           'decomposition', 'compare_arms', 'parse_arm', 'main', 'plot_curves', 'scoring_table', 'defect_table',
-           'worst_images', 'plot_maps_side_by_side']
+           'decomposition', 'results_table', 'compare_arms', 'parse_arm', 'main', 'plot_curves', 'scoring_table',
+           'defect_table', 'worst_images', 'plot_maps_side_by_side']
 
 # %% ../nbs/09d_accuracy.ipynb #2c517a32
 def nn_distance_maps(bank:torch.Tensor, test:torch.Tensor, max_bank:int|None=None, seed:int=0, chunk:int=2048) -> torch.Tensor:
@@ -123,6 +123,11 @@ def _save_maps(path:Path, maps:dict):
     from moleflow.trainer import _checkpoint
     _checkpoint(Path(path), {k: v.half() for k, v in maps.items()})
 
+def _adapter_log_scale(flow, task:int) -> float|None:
+    "Mean log-scale per channel of the task's adapter (negative: it shrinks the flow's input); None without an adapter."
+    ad = flow.adapters[str(task)] if str(task) in flow.adapters else None
+    return None if ad is None else float(ad.log_scale()) / flow.dim
+
 def run_record(cfg:MoLEConfig, refs, roots:dict, eval_every:int=5, progress:bool=False, extractor=None, cache=None,
                maps_out=None) -> dict:
     "Train the `(root, class)` sequence `refs` with `cfg` and measure parts (b)-(e); returns a JSON-able record (test NLL maps to `maps_out`)."
@@ -141,7 +146,8 @@ def run_record(cfg:MoLEConfig, refs, roots:dict, eval_every:int=5, progress:bool
         secs, hist = time.time() - t0, trainer.history[-1]
         rec[cls] = {'root': root, 'task': t, 'n_train': len(d.train_features), 'epochs': len(hist),
                     'steps': sum(h['batches'] - h['nonfinite_batches'] for h in hist), 'train_s': secs,
-                    'loss': [h.get('loss') for h in hist], 'curve': curve}
+                    'loss': [h.get('loss') for h in hist], 'curve': curve,
+                    'adapter_log_scale': _adapter_log_scale(trainer.flow, t)}
     kept = {}
     for t, (root, cls) in enumerate(refs):
         d = data[cls]
@@ -275,6 +281,17 @@ def decomposition(runs:list[dict], refs:dict, arm:str='main', metric:str='pixel_
         a, o, r = (_ms(x.get(cls, {}).get(metric, []))[0] for x in (alone, oracle, routed))
         rows.append([cls, f'{ref:.3f}', f'{a:.3f}', f'{o:.3f}', f'{r:.3f}', f'{a - ref:+.3f}', f'{o - a:+.3f}', f'{r - o:+.3f}'])
     return ['class', 'NN', 'alone (task 0)', 'in sequence', 'routed', '(a) flow − NN', '(b) continual', '(c) router'], rows
+
+# %% ../nbs/09d_accuracy.ipynb #b547c685
+def results_table(runs:list[dict], sequence_name:str, arm:str='main', metrics=METRIC_KEYS) -> tuple[list[str], list[list]]:
+    "Header and rows: per class of one study sequence, `arm`'s routed metrics and routing accuracy (mean ± sd over seeds), and their mean."
+    sel = [r for r in runs if r['arm'] == arm and r['sequence_name'] == sequence_name]
+    if not sel: raise ValueError(f"the study has no run of arm {arm!r} on sequence {sequence_name!r}")
+    keys, classes = [*metrics, 'routing_acc'], list(sel[0]['classes'])
+    def val(r, cls, k): return r['classes'][cls][k] if k == 'routing_acc' else r['classes'][cls]['routed'][k]
+    rows = [[cls, *(fmt(*_ms([val(r, cls, k) for r in sel])) for k in keys)] for cls in classes]
+    rows.append(['**mean**', *(fmt(*_ms([float(np.mean([val(r, c, k) for c in classes])) for r in sel])) for k in keys)])
+    return ['class', *keys], rows
 
 # %% ../nbs/09d_accuracy.ipynb #a8f6fbb4
 def compare_arms(runs:list[dict], arm:str, base:str='main', metrics=('pixel_auroc', 'pixel_ap', 'aupro')) -> dict:

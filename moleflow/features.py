@@ -4,24 +4,23 @@
 
 # %% ../nbs/05_features.ipynb #eb32a95d
 from __future__ import annotations
-import difflib, hashlib, json, os, tempfile, time, warnings
+import difflib, hashlib, json, os, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 import torch, torch.nn as nn, torch.nn.functional as F
 import timm
 from safetensors.torch import load_file, save_file
+from .files import atomic_write
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BACKBONES', 'BackboneDef', 'list_backbones', 'WeightsNotFoundError',
-           'efficientnet_lite0_checkpoint', 'map_efficientnet_pytorch_keys', 'check_state_dict', 'load_checked',
-           'file_sha256', 'load_backbone_model', 'PatchFeatureExtractor', 'get_backbone', 'FeatureCache']
+__all__ = ['BACKBONES', 'BackboneDef', 'list_backbones', 'WeightsNotFoundError', 'efficientnet_lite0_checkpoint',
+           'map_efficientnet_pytorch_keys', 'check_state_dict', 'load_checked', 'file_sha256', 'load_backbone_model',
+           'PatchFeatureExtractor', 'get_backbone', 'FeatureCache']
 
 # %% ../nbs/05_features.ipynb #d446f11d
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 @dataclass(frozen=True)
 class BackboneDef:
     "Recipe for a patch-feature backbone: timm model, tapped layers, neighbourhood and output width."
@@ -290,18 +289,6 @@ def _sha1(path) -> str:
 
 def _stack_images(batch): return torch.stack([b['image'] for b in batch])
 
-def _atomic_write(path:Path, write):
-    "Call `write(tmp_path)` on a temp file next to `path`, then move it into place; no temp file survives an error."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache entry is an ordinary readable file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-
 class FeatureCache:
     "Disk cache of patch features: extract once per (backbone, transform, exact input files), reuse forever."
     def __init__(self, cache_dir=None, store_dtype:str='float16'):
@@ -376,11 +363,11 @@ class FeatureCache:
     def _write(self, key, feats, extractor, dataset, seconds):
         self.root.mkdir(parents=True, exist_ok=True)
         stored = self.as_stored(feats)
-        _atomic_write(self.root / f'{key}.safetensors', lambda p: save_file({'features': stored.contiguous()}, p, metadata={'key': key}))
+        atomic_write(self.root / f'{key}.safetensors', lambda p: save_file({'features': stored.contiguous()}, p, metadata={'key': key}))
         man = dict(key=key, shape=list(feats.shape), stored_dtype=str(stored.dtype).removeprefix('torch.'),
                    backbone=extractor.spec, transform=dataset.transform_spec, n=len(dataset), extract_seconds=round(seconds, 3),
                    created=time.strftime('%Y-%m-%dT%H:%M:%S'), files=[str(p) for p in _sample_paths(dataset)])
-        _atomic_write(self.root / f'{key}.json', lambda p: Path(p).write_text(json.dumps(man, indent=1, default=str)))
+        atomic_write(self.root / f'{key}.json', lambda p: Path(p).write_text(json.dumps(man, indent=1, default=str)))
         return stored
 
 # %% ../nbs/05_features.ipynb #eb0a0f31

@@ -7,11 +7,11 @@ __all__ = ['grid_weights', 'bilinear_weights', 'SpatialLoRALinear', 'NeighbourCo
            'AffineCoupling', 'DIAFlow', 'VariantFlow']
 
 # %% ../nbs/01a_flow_variants.ipynb #10a5b577
-import inspect, math
-from functools import partial
+import math
+from functools import lru_cache, partial
 import torch, torch.nn as nn, torch.nn.functional as F
-from .lora import LoRALinear, _check_pos_int, _check_task
-from .coupling_flow import MoLEFlow, _derive_seed, _seeded, _check_features, _mlp
+from .lora import LoRALinear, _check_pos_int
+from .coupling_flow import MoLEFlow, MoLESubnet, _SUBNETS, _derive_seed, _seeded, _check_features, _mlp
 
 # %% ../nbs/01a_flow_variants.ipynb #15265522
 def grid_weights(n:int, G:int) -> torch.Tensor:
@@ -30,6 +30,11 @@ def bilinear_weights(H:int, W:int, G:int) -> torch.Tensor:
     "(H*W, G*G) bilinear weights of each patch of an H x W grid (row-major) over a G x G grid of nodes."
     return (grid_weights(H, G)[:, None, :, None] * grid_weights(W, G)[None, :, None, :]).reshape(H * W, G * G)
 
+@lru_cache(maxsize=64)
+def _bilinear_on(H:int, W:int, G:int, device:torch.device, dtype:torch.dtype) -> torch.Tensor:
+    "`bilinear_weights(H, W, G)` on `device` in `dtype`, made once per (H, W, G, device, dtype): a forward only reads it."
+    with torch.inference_mode(False), torch.no_grad(): return bilinear_weights(H, W, G).to(device, dtype)
+
 # %% ../nbs/01a_flow_variants.ipynb #210c496c
 class SpatialLoRALinear(LoRALinear):
     "`LoRALinear` whose expert is a G x G grid of (A, B) pairs, bilinearly interpolated at each patch's position."
@@ -38,45 +43,40 @@ class SpatialLoRALinear(LoRALinear):
         super().__init__(in_features, out_features, rank, alpha, scaling, task_bias)
         self.grid = _check_pos_int('grid', grid)
 
-    def add_task(self, task:int, generator:torch.Generator|None=None):
-        "Add `task`'s grid of experts: every node's A Kaiming-uniform, every B and the bias zero (output = base)."
-        _check_task(task)
-        if str(task) in self.lora_A: raise ValueError(f"task {task} already has an expert")
-        w, G2 = self.base.weight, self.grid ** 2
+    def _new_expert(self, generator:torch.Generator|None) -> tuple[torch.Tensor, torch.Tensor]:
+        "A fresh grid of experts on the CPU: every node's A Kaiming-uniform, every B zero (so the output is the base)."
+        G2 = self.grid ** 2
         A = torch.empty(G2, self.rank, self.in_features)
         for k in range(G2): nn.init.kaiming_uniform_(A[k], a=math.sqrt(5), generator=generator)
-        self.lora_A[str(task)] = nn.Parameter(A.to(w))
-        self.lora_B[str(task)] = nn.Parameter(torch.zeros(G2, self.out_features, self.rank, device=w.device, dtype=w.dtype))
-        if self.task_bias:
-            self.bias[str(task)] = nn.Parameter(torch.zeros(self.out_features, device=w.device, dtype=w.dtype))
+        return A, torch.zeros(G2, self.out_features, self.rank)
 
-    def params_at(self, task:int, H:int, W:int) -> tuple[torch.Tensor, torch.Tensor]:
-        "Interpolated expert of `task` at every patch of an H x W grid: A (H, W, rank, in) and B (H, W, out, rank)."
-        A, B = self.task_parameters(task)[:2]
-        wts = bilinear_weights(H, W, self.grid).to(A)
-        return (torch.einsum('pk,kri->pri', wts, A).reshape(H, W, *A.shape[1:]),
-                torch.einsum('pk,kor->por', wts, B).reshape(H, W, *B.shape[1:]))
-
-    def forward(self, x:torch.Tensor, task:int|None=None, spatial:tuple|None=None) -> torch.Tensor:
-        "Base output plus `task`'s interpolated expert; rows `x` (B*H*W, in) are laid out as `spatial` = (B, H, W)."
-        y = self.base(x)
-        k = None if task is None else str(task)
-        if k is None or k not in self.lora_A: return y
-        if spatial is None or len(spatial) != 3 or x.shape[0] != math.prod(spatial):
-            raise ValueError(f"spatial must be (B, H, W) with B*H*W = {x.shape[0]} rows, got {spatial}")
+    def _add_expert(self, y:torch.Tensor, x2:torch.Tensor, k:str, spatial:tuple|None) -> torch.Tensor:
+        "Accumulate B(p) A(p) x of every row into `y` (in place); rows `x2` (B*H*W, in) are laid out as `spatial` = (B, H, W)."
+        if spatial is None or len(spatial) != 3 or x2.shape[0] != math.prod(spatial):
+            raise ValueError(f"spatial must be (B, H, W) with B*H*W = {x2.shape[0]} rows, got {spatial}")
         B_, H, W = spatial
         G2, r = self.grid ** 2, self.rank
-        w = bilinear_weights(H, W, self.grid).to(x).repeat(B_, 1)                    # (N, G*G)
-        a = (x @ self.lora_A[k].reshape(G2 * r, -1).t()).view(-1, G2, r)            # every node's A x
-        a = torch.einsum('nk,nkr->nr', w, a)                                         # A(p) x
-        wa = (w[:, :, None] * a[:, None, :]).reshape(-1, G2 * r)
-        y = y + self.scaling * (wa @ self.lora_B[k].permute(1, 0, 2).reshape(self.out_features, G2 * r).t())  # B(p) A(p) x
-        if k in self.bias: y = y + self.bias[k]
-        return y
+        w = _bilinear_on(H, W, self.grid, x2.device, x2.dtype)                        # (H*W, G*G), once per grid shape
+        a = (x2 @ self.lora_A[k].reshape(G2 * r, -1).t()).view(B_, H * W, G2, r)      # every node's A x
+        a = torch.einsum('pk,bpkr->bpr', w, a)                                       # A(p) x
+        wa = (w[:, :, None] * a[:, :, None, :]).reshape(-1, G2 * r)                  # the weights broadcast over the images
+        return y.addmm_(wa, self.lora_B[k].permute(1, 0, 2).reshape(self.out_features, G2 * r).t(), alpha=self.scaling)
 
     def extra_repr(self): return super().extra_repr() + f", grid={self.grid}x{self.grid}"
 
 # %% ../nbs/01a_flow_variants.ipynb #58d4ada4
+def _ring(kernel:int) -> torch.Tensor:
+    "(k, k) weights of the mean over a patch's k x k neighbours, the centre excluded."
+    mask = torch.ones(kernel, kernel); mask[kernel // 2, kernel // 2] = 0
+    return mask / mask.sum()
+
+@lru_cache(maxsize=64)
+def _inside_share(H:int, W:int, kernel:int, device:torch.device, dtype:torch.dtype) -> torch.Tensor:
+    "(1, 1, H, W) share of each patch's k x k neighbours that lie inside the grid, made once per (H, W, k, device, dtype)."
+    with torch.inference_mode(False), torch.no_grad():
+        share = F.conv2d(torch.ones(1, 1, H, W, dtype=dtype), _ring(kernel)[None, None].to(dtype), padding=kernel // 2)
+        return share.clamp_min(1e-6).to(device)
+
 class NeighbourContext(nn.Module):
     "Mean of each patch's k x k neighbours (centre excluded): a fixed kernel, or a learnable depthwise one."
     def __init__(self, dim:int, kernel:int=3, learnable:bool=False):
@@ -84,9 +84,8 @@ class NeighbourContext(nn.Module):
         self.dim = _check_pos_int('dim', dim)
         if _check_pos_int('kernel', kernel) % 2 == 0 or kernel < 3:
             raise ValueError(f"kernel must be an odd int >= 3, got {kernel}")
-        mask = torch.ones(kernel, kernel); mask[kernel // 2, kernel // 2] = 0
-        self.register_buffer('mask', mask / mask.sum())
-        w = (mask / mask.sum()).expand(dim, 1, kernel, kernel).clone()
+        self.register_buffer('mask', _ring(kernel))
+        w = self.mask.expand(dim, 1, kernel, kernel).clone()
         if learnable: self.weight = nn.Parameter(w)
         else: self.register_buffer('weight', w)
 
@@ -95,14 +94,14 @@ class NeighbourContext(nn.Module):
         if spatial is None or len(spatial) != 3 or x.shape[0] != math.prod(spatial):
             raise ValueError(f"spatial must be (B, H, W) with B*H*W = {x.shape[0]} rows, got {spatial}")
         B, H, W = spatial
-        pad = self.mask.shape[-1] // 2
+        k = self.mask.shape[-1]
         g = x.reshape(B, H, W, -1).permute(0, 3, 1, 2)
-        num = F.conv2d(g, self.weight * (self.mask > 0), padding=pad, groups=self.dim)
-        inside = F.conv2d(x.new_ones(1, 1, H, W), self.mask[None, None].to(x), padding=pad)   # share of neighbours inside
-        return (num / inside.clamp_min(1e-6)).permute(0, 2, 3, 1).reshape(x.shape)
+        num = F.conv2d(g, self.weight * (self.mask > 0), padding=k // 2, groups=self.dim)
+        return (num / _inside_share(H, W, k, x.device, x.dtype)).permute(0, 2, 3, 1).reshape(x.shape)
 
 # %% ../nbs/01a_flow_variants.ipynb #9a6538f9
 _CP_CONTEXTS = ('learned', 'fixed', 'none')
+_VARIANT_SUBNETS = (*_SUBNETS, 'cross_patch')   # the subnets a VariantFlow builds
 
 def _check_cross_patch(context, gate, lora_grid, kernel):
     if context not in _CP_CONTEXTS: raise ValueError(f"cross_patch_context must be one of {_CP_CONTEXTS}, got {context!r}")
@@ -112,18 +111,6 @@ def _check_cross_patch(context, gate, lora_grid, kernel):
         raise ValueError(f"lora_grid must be a non-negative int (0: plain LoRA), got {lora_grid!r}")
     if context != 'none' and (isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 3 or kernel % 2 == 0):
         raise ValueError(f"context_kernel must be an odd int >= 3 for a neighbourhood context, got {kernel!r}")
-
-class _TwoLayer(nn.Module):
-    "LoRA layer -> ReLU -> LoRA layer; spatial LoRA layers also get the patch layout."
-    def __init__(self, d_in, hidden, d_out, rank, alpha, scaling, task_bias, grid):
-        super().__init__()
-        lin = partial(SpatialLoRALinear, grid=grid) if grid else LoRALinear
-        self.fc1, self.fc2 = lin(d_in, hidden, rank, alpha, scaling, task_bias), lin(hidden, d_out, rank, alpha, scaling, task_bias)
-        self.spatial = bool(grid)
-
-    def forward(self, x, task, spatial):
-        args = (spatial,) if self.spatial else ()
-        return self.fc2(F.relu(self.fc1(x, task, *args)), task, *args)
 
 class CrossPatchSubnet(nn.Module):
     "Coupling subnet whose s and t networks both see the patch and a gated neighbourhood context: p(x_i | N(i))."
@@ -139,8 +126,9 @@ class CrossPatchSubnet(nn.Module):
         if context == 'learned': self.gate_logit = nn.Parameter(torch.tensor(math.log(gate / (1 - gate))))
         elif context == 'fixed': self.register_buffer('gate', torch.tensor(float(gate)))
         d = dims_in * (1 if context == 'none' else 2)
-        lora = (rank, alpha, scaling, task_bias, lora_grid)
-        self.s_net, self.t_net = _TwoLayer(d, hidden, dims_out // 2, *lora), _TwoLayer(d, hidden, dims_out // 2, *lora)
+        linear = partial(SpatialLoRALinear, grid=lora_grid) if lora_grid else LoRALinear
+        sub = partial(MoLESubnet, hidden=hidden, rank=rank, alpha=alpha, scaling=scaling, task_bias=task_bias, linear=linear)
+        self.s_net, self.t_net = sub(d, dims_out // 2), sub(d, dims_out // 2)
         self._last_weight = None
 
     def context_weight(self) -> torch.Tensor:
@@ -211,22 +199,22 @@ class DIAFlow(nn.Module):
 # %% ../nbs/01a_flow_variants.ipynb #97144ffa
 class VariantFlow(MoLEFlow):
     "`MoLEFlow` with the design variants: cross-patch subnets with SC-LoRA, shared patch attention, per-task DIA blocks."
-    def __init__(self, dim:int, *, subnet:str='context', cross_patch_context:str='learned', cross_patch_gate:float=0.3,
-                 lora_grid:int=0, patch_attention:bool=False, attention_hidden:int=64, dia_blocks:int=0,
-                 dia_hidden:int=64, **kwargs):
-        o = {k: p.default for k, p in inspect.signature(MoLEFlow).parameters.items() if p.default is not p.empty} | kwargs
-        if subnet == 'cross_patch': _check_cross_patch(cross_patch_context, cross_patch_gate, lora_grid, o['context_kernel'])
+    def __init__(self, dim:int, *, subnet:str='context', context_kernel:int=3, cross_patch_context:str='learned',
+                 cross_patch_gate:float=0.3, lora_grid:int=0, patch_attention:bool=False, attention_hidden:int=64,
+                 dia_blocks:int=0, dia_hidden:int=64, **kwargs):
+        if subnet == 'cross_patch':
+            _check_cross_patch(cross_patch_context, cross_patch_gate, lora_grid, context_kernel)
+            subnet = partial(CrossPatchSubnet, context=cross_patch_context, kernel=context_kernel, gate=cross_patch_gate,
+                             lora_grid=lora_grid)        # MoLEFlow passes it the LoRA arguments
+        elif subnet not in _SUBNETS:
+            raise ValueError(f"subnet must be one of {_VARIANT_SUBNETS}, got {subnet!r}")
         elif lora_grid:
             raise ValueError(f"lora_grid > 0 needs subnet='cross_patch' (the subnet that passes patch positions), got subnet={subnet!r}")
         if isinstance(dia_blocks, bool) or not isinstance(dia_blocks, int) or dia_blocks < 0:
             raise ValueError(f"dia_blocks must be a non-negative int, got {dia_blocks!r}")
         if dia_blocks: _check_pos_int('dia_hidden', dia_hidden)
-        if subnet == 'cross_patch':
-            subnet = partial(CrossPatchSubnet, hidden=o['hidden'], rank=o['rank'], alpha=o['alpha'],
-                             scaling=o['lora_scaling'], task_bias=o['task_bias'], context=cross_patch_context,
-                             kernel=o['context_kernel'], gate=cross_patch_gate, lora_grid=lora_grid)
-        super().__init__(dim, subnet=subnet, **kwargs)
-        self.lora_grid, self.n_dia, self.dia_hidden, self.clamp = lora_grid, dia_blocks, dia_hidden, float(o['clamp'])
+        super().__init__(dim, subnet=subnet, context_kernel=context_kernel, **kwargs)
+        self.n_dia, self.dia_hidden = dia_blocks, dia_hidden
         with _seeded(_derive_seed(self.seed, 5)):
             self.attention = PatchAttention(dim, attention_hidden) if patch_attention else None
         self.dia = nn.ModuleDict()

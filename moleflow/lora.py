@@ -51,15 +51,19 @@ class LoRALinear(nn.Module):
         _check_task(task)
         if str(task) in self.lora_A: raise ValueError(f"task {task} already has an expert")
         w = self.base.weight
-        A = torch.empty(self.rank, self.in_features)  # initialised on the CPU so a CPU `generator` seeds it anywhere
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        self.lora_A[str(task)] = nn.Parameter(A.to(w))
-        self.lora_B[str(task)] = nn.Parameter(torch.zeros(self.out_features, self.rank, device=w.device, dtype=w.dtype))
+        A, B = self._new_expert(generator)
+        self.lora_A[str(task)], self.lora_B[str(task)] = nn.Parameter(A.to(w)), nn.Parameter(B.to(w))
         if self.task_bias:
             self.bias[str(task)] = nn.Parameter(torch.zeros(self.out_features, device=w.device, dtype=w.dtype))
 
-    def forward(self, x:torch.Tensor, task:int|None=None) -> torch.Tensor:
-        "Base output plus the expert of `task` (None, or a task without expert: base only)."
+    def _new_expert(self, generator:torch.Generator|None) -> tuple[torch.Tensor, torch.Tensor]:
+        "A fresh expert's (A, B), made on the CPU so a CPU `generator` seeds it on any device: A Kaiming-uniform, B zero."
+        A = torch.empty(self.rank, self.in_features)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        return A, torch.zeros(self.out_features, self.rank)
+
+    def forward(self, x:torch.Tensor, task:int|None=None, spatial:tuple|None=None) -> torch.Tensor:
+        "Base output plus the expert of `task` (None, or a task without expert: base only); `spatial` is the rows' layout (unused here)."
         k = None if task is None else str(task)
         if k is None or k not in self.lora_A: return self.base(x)
         # fused: the task bias joins the base bias and the expert's low-rank product accumulates into the base output
@@ -67,9 +71,12 @@ class LoRALinear(nn.Module):
         b = self.base.bias
         if k in self.bias: b = self.bias[k] if b is None else b + self.bias[k]
         x2 = x.reshape(-1, self.in_features)
-        y = nn.functional.linear(x2, self.base.weight, b)
-        y = y.addmm_(x2 @ self.lora_A[k].t(), self.lora_B[k].t(), alpha=self.scaling)
+        y = self._add_expert(nn.functional.linear(x2, self.base.weight, b), x2, k, spatial)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _add_expert(self, y:torch.Tensor, x2:torch.Tensor, k:str, spatial:tuple|None) -> torch.Tensor:
+        "Accumulate expert `k`'s scaled low-rank term of the rows `x2` into the base output `y` (in place): the one term a variant overrides."
+        return y.addmm_(x2 @ self.lora_A[k].t(), self.lora_B[k].t(), alpha=self.scaling)
 
     def freeze_base(self):
         "Stop gradients into the shared base weights."

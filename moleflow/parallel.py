@@ -12,7 +12,8 @@ import torch
 from .config import MoLEConfig
 from .cluster import open_executor, check_request
 from .features import FeatureCache, get_backbone
-from .trainer import ContinualTrainer, RunError, run_continual, _checkpoint
+from .trainer import ContinualTrainer, RunError, run_continual, holdout_split, _seed_for
+from .files import atomic_torch_save
 
 # %% auto #0
 __all__ = ['train_expert', 'check_parallel', 'ParallelExperts', 'run_parallel']
@@ -31,7 +32,9 @@ def train_expert(base_path, t:int, datasets, classes:list, expert_path, threads:
     trainer.num_tasks = t
     extractor = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
     cache = FeatureCache(cfg.cache_dir)
-    parts = [cache.features(extractor, ds, progress=False) for ds in datasets]
+    gen = torch.Generator().manual_seed(_seed_for(cfg.seed, t))   # the serial run's split: same seed, same class order
+    parts = [holdout_split(cache.features(extractor, ds, progress=False), cfg.threshold_holdout, gen, c)[0]
+             for c, ds in zip(classes, datasets)]
     labels = [c for c, f in zip(classes, parts) for _ in range(len(f))]
     before = {k: v.clone() for k, v in trainer.flow.state_dict().items()}
     trainer.flow.to(device)
@@ -43,7 +46,7 @@ def train_expert(base_path, t:int, datasets, classes:list, expert_path, threads:
     if moved: raise RuntimeError(f"task {t}: training changed shared weights ({', '.join(moved[:3])}); parallel training needs the "
                                  f"base frozen after task 0 (train this config serially)")
     own = {k: after[k] for k in sorted(set(after) - set(before))}
-    _checkpoint(Path(expert_path), dict(task=t, key=base['key'], flow=own, optimizer=opt.state_dict(),
+    atomic_torch_save(Path(expert_path), dict(task=t, key=base['key'], flow=own, optimizer=opt.state_dict(),
                                         history=trainer.history[-1], train_s=seconds))
     return str(expert_path)
 
@@ -75,7 +78,7 @@ class ParallelExperts:
         for k in range(t, len(tasks)):
             for c in tasks[k]: data[c].train_features   # extracted and cached here, once: every worker reads these numbers
         base = self.folder/'base.pt'
-        _checkpoint(base, dict(config=asdict(trainer.cfg), trainer=trainer.state_dict(), key=key))
+        atomic_torch_save(base, dict(config=asdict(trainer.cfg), trainer=trainer.state_dict(), key=key))
         for k in range(t, len(tasks)):
             p = self.folder/f'task_{k:02d}.pt'
             if self.reuse and p.is_file() and torch.load(p, weights_only=False, map_location='cpu').get('key') == key: self._ready[k] = p

@@ -8,15 +8,15 @@ import csv, io, math, shutil
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
+from fastcore.basics import patch
 from tqdm.auto import tqdm
-from .config import atomic_write_text
+from .files import atomic_write_text
 from .data import IMAGE_SUFFIXES, DataError, MissingDataError, read_rgb, transform_image, denormalize
 from .features import get_backbone, FeatureCache
 from .trainer import load_run, score_features, write_skipped
 
 # %% auto #0
-__all__ = ['CSV_COLUMNS', 'check_threshold', 'load_image', 'find_images', 'Predictor', 'features', 'predict', 'heat_rgb',
-           'colour_scale', 'predict_files']
+__all__ = ['CSV_COLUMNS', 'check_threshold', 'load_image', 'find_images', 'Predictor', 'heat_rgb']
 
 # %% ../nbs/03b_predict.ipynb #501e8d71
 def check_threshold(value) -> float | None:
@@ -68,6 +68,7 @@ class Predictor:
         return f"Predictor({self.run_dir}, tasks={self.tasks}, thresholds={[self.task_threshold(t) for t in range(len(self.tasks))]})"
 
 # %% ../nbs/03b_predict.ipynb #f452223a
+@patch
 def _tensor(self: Predictor, image) -> tuple[torch.Tensor, str]:
     "One image (path, PIL image or normalised tensor) as a `(3, crop, crop)` input, and a conversion note."
     cfg, note = self.cfg, ''
@@ -82,6 +83,7 @@ def _tensor(self: Predictor, image) -> tuple[torch.Tensor, str]:
     else: raise ValueError(f"an image must be a path, a PIL image or a tensor, got {type(image).__name__}")
     return transform_image(image, cfg.image_size, cfg.crop_size), note
 
+@patch
 @torch.inference_mode()
 def features(self: Predictor, x: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     "Patch features `(N,H,W,D)` of inputs `(N,3,S,S)`, at the precision evaluation reads them from the cache."
@@ -89,6 +91,7 @@ def features(self: Predictor, x: torch.Tensor, batch_size: int = 16) -> torch.Te
     out = torch.cat([self.extractor(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
     return self.cache.as_stored(out).float()
 
+@patch
 def _records(self: Predictor, x: torch.Tensor, notes) -> list[dict]:
     "One record per input of `x (N,3,S,S)`: routing, score, map, threshold and decision."
     feats = self.features(x)
@@ -107,14 +110,13 @@ def _records(self: Predictor, x: torch.Tensor, notes) -> list[dict]:
                     'note': notes[i]})
     return out
 
-def predict(self: Predictor, images) -> list[dict]:
+@patch
+def __call__(self: Predictor, images) -> list[dict]:
     "Records (task, class, distance, margin, score, threshold, anomalous, map, note) of one image or a list of them."
     batch = images if isinstance(images, (list, tuple)) else list(images) if isinstance(images, torch.Tensor) and images.dim() == 4 else [images]
     if not len(batch): raise ValueError("no images given")
     xs, notes = zip(*(self._tensor(im) for im in batch))
     return self._records(torch.stack(xs), list(notes))
-
-Predictor._tensor, Predictor.features, Predictor._records, Predictor.__call__ = _tensor, features, _records, predict
 
 # %% ../nbs/03b_predict.ipynb #07ff3c89
 def heat_rgb(amap: torch.Tensor, low: float, high: float) -> np.ndarray:
@@ -123,13 +125,12 @@ def heat_rgb(amap: torch.Tensor, low: float, high: float) -> np.ndarray:
     a = ((amap.float() - low) / max(high - low, 1e-12)).clamp(0, 1).numpy()
     return (matplotlib.colormaps['jet'](a)[..., :3] * 255 + 0.5).astype(np.uint8)
 
+@patch
 def colour_scale(self: Predictor, task: int, amap: torch.Tensor) -> tuple[float, float]:
     "The (low, high) of `task`'s heat maps: normal median to threshold; the map's own range without them."
     rec, thr = (self.trainer.thresholds[task] if task < len(self.trainer.thresholds) else None), self.task_threshold(task)
     if rec is not None and thr is not None and thr > rec['map_median']: return rec['map_median'], thr
     return float(amap.min()), float(amap.max())
-
-Predictor.colour_scale = colour_scale
 
 # %% ../nbs/03b_predict.ipynb #83beff5f
 CSV_COLUMNS = ('path', 'task', 'class', 'distance', 'margin', 'score', 'threshold', 'decision', 'map', 'overlay', 'npy', 'note')
@@ -141,6 +142,7 @@ def _common_root(files) -> Path:
     while not all(p == root or root in p.parents for p in parents): root = root.parent
     return root
 
+@patch
 def _write_outputs(self: Predictor, rec: dict, image: torch.Tensor, stem: Path, out: Path, save_npy: bool) -> dict:
     "Write one record's heat map, overlay (and raw map); its CSV row."
     (out/stem).parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +160,7 @@ def _write_outputs(self: Predictor, rec: dict, image: torch.Tensor, stem: Path, 
             'decision': decision, **{k: v.as_posix() for k, v in files.items()}, 'note': rec['note']}
 
 # %% ../nbs/03b_predict.ipynb #0af7113a
+@patch
 def predict_files(self: Predictor, paths, out, save_npy: bool = False, overwrite: bool = False) -> dict:
     "Predict every image of `paths` (files or folders) into folder `out`; returns the rows, the skipped files and the CSV path."
     out = Path(out)
@@ -187,5 +190,3 @@ def predict_files(self: Predictor, paths, out, save_npy: bool = False, overwrite
     atomic_write_text(out/'predictions.csv', text.getvalue())
     if skipped: write_skipped(out/'skipped.txt', skipped)
     return {'rows': rows, 'skipped': skipped, 'csv': out/'predictions.csv'}
-
-Predictor._write_outputs, Predictor.predict_files = _write_outputs, predict_files

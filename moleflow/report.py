@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64, html, io, json
 from pathlib import Path
 from PIL import Image
-from .config import atomic_write_text
+from .files import atomic_write_text
 
 # %% auto #0
 __all__ = ['embed_image', 'html_table', 'render_report', 'write_report']

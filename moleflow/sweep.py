@@ -4,15 +4,16 @@
 
 # %% ../nbs/09c_sweep.ipynb #b82eff19
 from __future__ import annotations
-import ast, csv, difflib, itertools, json, os, re, signal, socket, subprocess, sys, time
+import ast, csv, itertools, json, os, re, signal, socket, subprocess, sys, time
 from pathlib import Path
 import yaml
-from .config import atomic_write_text
+from .files import atomic_write_text
+from .config import check_keys
 from .cluster import open_executor, check_request, notebook_hash, package_hash
 
 # %% auto #0
-__all__ = ['parse_value', 'parse_grid', 'parse_params', 'combinations', 'combo_name', 'notebook_parameters', 'check_keys',
-           'stop_running', 'run_combination', 'is_done', 'collect', 'plot_summary', 'run_sweep']
+__all__ = ['parse_value', 'parse_grid', 'parse_params', 'combinations', 'combo_name', 'notebook_parameters',
+           'check_notebook_keys', 'stop_running', 'run_combination', 'is_done', 'collect', 'plot_summary', 'run_sweep']
 
 # %% ../nbs/09c_sweep.ipynb #a48af304
 def _split(item:str, what:str) -> tuple[str, str]:
@@ -71,15 +72,12 @@ def notebook_parameters(notebook) -> dict:
             if isinstance(t, ast.Name): out[t.id] = ast.get_source_segment(src, node.value) if node.value else None
     return out
 
-def check_keys(notebook, keys):
+def check_notebook_keys(notebook, keys):
     "Raise `ValueError` for keys that are not parameters of `notebook` (suggesting close names), or if it lacks `out_dir`."
     known = notebook_parameters(notebook)
     if 'out_dir' not in known: raise ValueError(f"notebook {notebook} has no 'out_dir' parameter, so a sweep cannot place its results")
-    for k in keys:
-        if k == 'out_dir': raise ValueError("out_dir is set by the sweep for each combination; do not give it")
-        if k not in known:
-            close = difflib.get_close_matches(k, known, n=3)
-            raise ValueError(f"{k!r} is not a parameter of {Path(notebook).name}" + (f"; did you mean {close}?" if close else f"; parameters: {sorted(known)}"))
+    if 'out_dir' in keys: raise ValueError("out_dir is set by the sweep for each combination; do not give it")
+    check_keys(keys, sorted(known), f"a parameter of {Path(notebook).name}")
 
 # %% ../nbs/09c_sweep.ipynb #5c9d8037
 def _error_of(folder:Path, rc, timed_out:float|None) -> str:
@@ -119,7 +117,7 @@ def run_combination(notebook, folder, combo:dict, params:dict|None=None, timeout
     "Execute `notebook` with papermill into `folder` with `combo` and `params` injected (and `out_dir=folder`); return its status."
     folder = Path(folder).resolve(); folder.mkdir(parents=True, exist_ok=True)
     injected = {**(params or {}), **combo, 'out_dir': str(folder)}
-    (folder/'parameters.yaml').write_text(yaml.safe_dump(injected, sort_keys=False))
+    atomic_write_text(folder/'parameters.yaml', yaml.safe_dump(injected, sort_keys=False))
     (folder/'results.json').unlink(missing_ok=True)
     status = dict(notebook=str(Path(notebook).resolve()), combination=combo_name(combo), grid=combo, params=params or {},
                   code=code or {}, status='running', started=time.strftime('%Y-%m-%dT%H:%M:%S'), host=socket.gethostname())
@@ -260,7 +258,7 @@ def run_sweep(notebooks, grid:dict|None=None, out='runs/sweep', params:dict|None
         if not isinstance(v, list) or not v: raise ValueError(f"grid[{k!r}] must be a non-empty list of values, got {v!r}")
     both = set(grid) & set(params)
     if both: raise ValueError(f"keys {sorted(both)} are both in the grid and fixed parameters")
-    for nb in notebooks: check_keys(nb, [*grid, *params])
+    for nb in notebooks: check_notebook_keys(nb, [*grid, *params])
     out = Path(out)
     jobs = [(nb, c, out/nb.stem/combo_name(c)) for nb in notebooks for c in combinations(grid)]
     names = [f"{nb.stem}/{f.name}" for nb, _, f in jobs]

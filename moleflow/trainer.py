@@ -9,7 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
-from .config import MoLEConfig, atomic_write_text, load_config, save_config
+from .config import MoLEConfig, load_config, save_config
+from .files import atomic_write_text, atomic_torch_save
 from .coupling_flow import MoLEFlow
 from .losses import patch_nll, tail_aware_loss, mean_nll, focal_nll, center_loss, logdet_reg
 from .router import PrototypeRouter
@@ -22,11 +23,13 @@ __all__ = ['DATASETS', 'METRICS', 'flow_loss', 'lr_factor', 'NonFiniteLossError'
            'load_run', 'evaluate_run']
 
 # %% ../nbs/03_continual_trainer.ipynb #821373e8
-def flow_loss(z, logdet, cfg: MoLEConfig):
-    "The training loss for latents `z (B,H,W,D)` and per-patch log-dets `(B,H,W)`, and its parts."
+def flow_loss(z, logdet, cfg: MoLEConfig, generator: torch.Generator|None = None):
+    "The training loss for latents `z (B,H,W,D)` and per-patch log-dets `(B,H,W)`, and its parts; `generator` draws the patches of `tail_selection='random_k'`."
+    cfg = cfg.effective                                     # the ablation switches applied
     nll = patch_nll(z, logdet)
     if cfg.focal_gamma > 0: main = focal_nll(nll, gamma=cfg.focal_gamma, dim=z.shape[-1])
-    elif cfg.tail_weight > 0: main = tail_aware_loss(nll, tail_weight=cfg.tail_weight, top_k_ratio=cfg.tail_top_k_ratio)
+    elif cfg.tail_weight > 0: main = tail_aware_loss(nll, tail_weight=cfg.tail_weight, top_k_ratio=cfg.tail_top_k_ratio,
+                                                     selection=cfg.tail_selection, generator=generator)
     else: main = mean_nll(nll)
     parts = {'nll': mean_nll(nll).detach(), 'main': main.detach()}
     loss = main
@@ -55,7 +58,7 @@ class ContinualTrainer:
     def __init__(self, cfg: MoLEConfig, progress: bool = True, log=None):
         self.cfg, self.progress, self.log = cfg, progress, log or logging.getLogger('moleflow.trainer')
         self.flow = build_flow(cfg)
-        self.router = PrototypeRouter(metric='euclidean' if cfg.router == 'euclidean' else 'mahalanobis')
+        self.router = PrototypeRouter(metric='euclidean' if cfg.effective.router == 'euclidean' else 'mahalanobis')
         self.num_tasks, self.history = 0, []   # history: one list of epoch records per task
         self.thresholds = []                   # decision thresholds: one record per task (`normal_threshold`, run_continual)
 
@@ -68,17 +71,8 @@ from .flow_variants import VariantFlow
 
 # %% ../nbs/03_continual_trainer.ipynb #853fe2c3
 def build_flow(cfg: MoLEConfig) -> MoLEFlow:
-    "The flow that `cfg` describes: a `MoLEFlow`, or a `VariantFlow` (notebook 01a) when a design variant is on."
-    kw = dict(n_blocks=cfg.num_coupling_layers, hidden=cfg.subnet_hidden, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-              lora_scaling=cfg.lora_scaling, task_bias=cfg.lora_task_bias, subnet=cfg.subnet_type,
-              context_mode=cfg.context_mode, context_kernel=cfg.context_kernel, context_init_scale=cfg.context_init_scale,
-              context_max_alpha=cfg.context_max_alpha, clamp=cfg.clamp, adapter=cfg.adapter, pos_embed=cfg.pos_embed,
-              spatial_mixer=cfg.spatial_mixer, task0_expert=cfg.task0_expert, seed=cfg.seed, lora=not cfg.no_lora)
-    if cfg.subnet_type == 'cross_patch' or cfg.lora_grid or cfg.patch_attention or cfg.dia_blocks:
-        return VariantFlow(cfg.feature_dim, cross_patch_context=cfg.cross_patch_context, cross_patch_gate=cfg.cross_patch_gate,
-                           lora_grid=cfg.lora_grid, patch_attention=cfg.patch_attention, attention_hidden=cfg.attention_hidden,
-                           dia_blocks=cfg.dia_blocks, dia_hidden=cfg.dia_hidden, **kw)
-    return MoLEFlow(cfg.feature_dim, **kw)
+    "The flow that `cfg` describes: a `MoLEFlow`, or a `VariantFlow` (notebook 01a) when a design variant is on (`MoLEFlow.from_config`)."
+    return MoLEFlow.from_config(cfg)
 
 def context_record(flow: MoLEFlow) -> dict:
     "Context weights of the flow's last forward, for the epoch log: patch gates' mean/std/min/max averaged over subnets, or the global alphas."
@@ -146,7 +140,7 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
             x = feats[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
             if cfg.train_noise > 0: x = x + cfg.train_noise * noise_scale * torch.randn(x.shape, generator=gen)
             z, logdet = self.flow(x, task=t)
-            loss, parts = flow_loss(z, logdet, cfg)
+            loss, parts = flow_loss(z, logdet, cfg, generator=gen)
             opt.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 nonfinite += 1
@@ -317,7 +311,7 @@ def evaluate_seen(trainer: ContinualTrainer, data: dict, tasks, upto: int, cfg: 
             feats = d.test_features
             masks, labels = d.ground_truth
             t0 = time.time()
-            routed = torch.full((len(feats),), t) if cfg.router == 'oracle' else trainer.route(feats)
+            routed = torch.full((len(feats),), t) if cfg.effective.router == 'oracle' else trainer.route(feats)
             maps, scores = score_features(trainer, feats, routed, cfg)
             secs += time.time() - t0; n_img += len(feats)
             m = evaluate_task(maps, masks, labels, scores)
@@ -349,11 +343,8 @@ def normal_threshold(trainer: ContinualTrainer, feats: torch.Tensor, task: int, 
 
 # %% ../nbs/03_continual_trainer.ipynb #a4b5cc77
 def _checkpoint(path: Path, payload: dict):
-    "Save `payload` atomically: a temporary file in the same folder, then `os.replace`."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    "Save `payload` atomically (`moleflow.files`, notebook 08c)."
+    atomic_torch_save(path, payload)
 
 def _run_logger(out: Path):
     log = logging.getLogger(f'moleflow.run.{out.resolve()}')

@@ -20,7 +20,7 @@ def mvtec_subset():
 @pytest.fixture(scope='session')
 def generated_root(tmp_path_factory):
     "A small generated MVTec-layout data set (two textures, one object), shared by the session's tests."
-    from moleflow.data import generate_default_dataset
+    from moleflow.synthetic import generate_default_dataset
     return generate_default_dataset(tmp_path_factory.mktemp('gen')/'data', seed=0, n_train=8, n_test_good=2,
                                     n_test_defect=3, classes=['fabric', 'wood', 'screw'])
 

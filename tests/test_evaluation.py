@@ -9,7 +9,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from moleflow.evaluation import (anomaly_maps, image_scores, image_auroc, image_ap, image_f1_max, pixel_metrics,
                                  pixel_auroc, pixel_ap, pixel_f1_max, aupro, evaluate_task, final_average, forgetting,
-                                 bwt, ResultMatrix, plot_result_matrix, plot_anomaly_grid)
+                                 bwt, plot_result_matrix, plot_anomaly_grid)
 
 
 def synthetic_set(n, size, seed, strength=1.5):
@@ -168,16 +168,6 @@ def test_continual_metrics_hand_computed():
     # FM: task 0 best 0.85 -> 0.75; task 1 best 0.95 -> 0.80; task 2 best 0.60 -> 0.65 (improved)
     assert forgetting(R) == pytest.approx(((0.85 - 0.75) + (0.95 - 0.80) + (0.60 - 0.65)) / 3)
     assert bwt(R) == pytest.approx(((0.75 - 0.80) + (0.80 - 0.90) + (0.65 - 0.60)) / 3)
-    rm = ResultMatrix(['a', 'b', 'c', 'd'])
-    for i in range(4):
-        for j in range(i + 1): rm.record(i, j, {'aupro': R[i][j], 'routing_acc': 1.0})
-    d = json.loads(json.dumps(rm.to_dict(), allow_nan=False))
-    assert d['forgetting']['aupro'] == pytest.approx(forgetting(R)) and d['bwt']['routing_acc'] == 0.0
-    assert d['mean']['aupro'] == pytest.approx(final_average(R)) and d['final']['d']['aupro'] == 0.99
-    assert d['matrix']['aupro'][1] == [0.85, 0.9, None, None]
-    assert ResultMatrix.from_dict(d).to_dict() == d
-    one = ResultMatrix(['a']).record(0, 0, {'aupro': 0.9})
-    assert math.isnan(one.forgetting('aupro')) and one.to_dict()['bwt']['aupro'] is None
 
 
 def test_plots_write_png(tmp_path):
@@ -202,7 +192,6 @@ def test_plots_write_png(tmp_path):
     (lambda m, s: evaluate_task(s, m, [0, 1]), 'labels must hold one label per image (4)'),
     (lambda m, s: image_auroc([0, 1, 2], [1, 2, 3]), 'labels must be a non-empty array of 0 (good) / 1 (anomalous)'),
     (lambda m, s: forgetting(np.zeros((2, 3))), 'R must be a non-empty square matrix'),
-    (lambda m, s: ResultMatrix(['a']).record(1, 0, {}), 'trained must be a task index in [0, 0]'),
 ])
 def test_bad_input(call, msg):
     masks, maps = synthetic_set(4, 8, 9)

@@ -6,7 +6,8 @@ import numpy as np, pytest, torch, timm
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from moleflow import features as mf
-from moleflow.features import (FeatureCache, IMAGENET_MEAN, IMAGENET_STD, WeightsNotFoundError, check_state_dict,
+from moleflow.data import IMAGENET_MEAN, IMAGENET_STD
+from moleflow.features import (FeatureCache, WeightsNotFoundError, check_state_dict,
                                efficientnet_lite0_checkpoint, get_backbone, list_backbones, load_backbone_model,
                                map_efficientnet_pytorch_keys)
 

@@ -73,7 +73,9 @@ def test_sclora_grid_nodes_zero_init_and_single_node():
     assert torch.equal(sl(x, 0, sp), sl.base(x)) and torch.equal(sl(x, 1, sp), sl.base(x))   # zero B: nothing changes
     with torch.no_grad(): sl.lora_B['0'].normal_(); sl.bias['0'].normal_()
     assert torch.equal(sl(x, 1, sp), sl.base(x))                                          # one grid per task
-    A, B = sl.params_at(0, 7, 10)                                                          # rows 0,2,4,6; cols 0,3,6,9
+    wts = bilinear_weights(7, 10, 4)                                                       # the expert at every patch
+    A = torch.einsum('pk,kri->pri', wts, sl.lora_A['0']).view(7, 10, 3, 5)                 # rows 0,2,4,6; cols 0,3,6,9
+    B = torch.einsum('pk,kor->por', wts, sl.lora_B['0']).view(7, 10, 6, 3)
     for i in range(4):
         for j in range(4):
             assert torch.equal(A[2 * i, 3 * j], sl.lora_A['0'][4 * i + j])
@@ -183,7 +185,7 @@ def test_no_lora_flow_has_no_experts():
     (dict(dia_blocks=-2), 'dia_blocks must be a non-negative int'),
     (dict(dia_blocks=1, dia_hidden=0), 'dia_hidden must be a positive int'),
     (dict(patch_attention=True, attention_hidden=0), 'attention_hidden must be a positive int'),
-    (dict(subnet='conv'), "subnet must be one of ('context', 'mlp')"),
+    (dict(subnet='conv'), "subnet must be one of ('context', 'mlp', 'cross_patch')"),
 ])
 def test_bad_construction(kw, msg):
     with pytest.raises(ValueError, match=re.escape(msg)): tiny(**kw)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 from moleflow.losses import (patch_nll, bits_per_dim, mean_nll, tail_k, tail_aware_loss, focal_nll, center_loss,
-                             logdet_reg, check_finite)
+                             logdet_reg)
 
 
 def brute_tail(nll, w, r):
@@ -111,10 +111,3 @@ def test_focal_weight_uses_per_dimension_likelihood():
 def test_bad_input_names_argument(call, msg):
     with pytest.raises(ValueError) as e: call(torch.ones(2, 3, 3))
     assert msg in str(e.value)
-
-
-def test_check_finite():
-    loss = torch.tensor(0.25)
-    assert check_finite(loss, 'x') is loss
-    with pytest.raises(FloatingPointError, match='task 1, epoch 4'):
-        check_finite(mean_nll(torch.tensor([[[1.0, float('nan')]]])), 'task 1, epoch 4')

@@ -86,12 +86,14 @@ def test_ablation_switches_compose_with_any_preset():
                               'no_scale_context', 'no_tail_loss', 'no_logdet_reg'}
     on = parse_overrides([f'{k}=true' for k in ABLATIONS] + ['dia_blocks=1'])
     cfg = make_config('main', on)
-    assert (cfg.router, cfg.adapter, cfg.pos_embed, cfg.subnet_type, cfg.tail_weight, cfg.logdet_reg, cfg.spatial_mixer) == \
+    e = cfg.effective                                               # what runs; the config keeps what it was given
+    assert (e.router, e.adapter, e.pos_embed, e.subnet_type, e.tail_weight, e.logdet_reg, e.spatial_mixer) == \
            ('oracle', 'none', False, 'mlp', 0.0, 0.0, False)
+    assert (cfg.router, cfg.adapter, cfg.tail_weight) == ('mahalanobis', 'film', 0.7)
     f = build_flow(cfg); f.add_task(0); f.add_task(1)
     assert all(m.tasks == [] for m in f.lora_layers()) and f.param_counts()['per_task'][1] > 0
     v4 = make_config('v4', {'no_spatial_context': True, 'no_router': True})
-    assert (v4.cross_patch_context, v4.lora_grid, v4.router) == ('none', 4, 'oracle')
+    assert (v4.effective.cross_patch_context, v4.lora_grid, v4.effective.router) == ('none', 4, 'oracle')
     for p in VERSIONS:                                              # every switch is valid on every version
         for k in ABLATIONS:
             make_config(p, {k: True, 'dia_blocks': 1} if k in ('no_lora', 'no_adapter') else {k: True})

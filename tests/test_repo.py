@@ -56,3 +56,27 @@ def test_imports_sit_in_cells_of_their_own(repo_root):
             imports = [l for l in code if imp.match(l)]
             if imports and len(imports) < len(code): mixed.append(f"{nb_path.relative_to(repo_root)} cell {i}")
     assert not mixed, "move the imports of these cells into a cell of their own: " + ', '.join(mixed)
+
+def test_index_tables_come_from_the_study(repo_root, monkeypatch):
+    "The result tables of index.ipynb (and so of the README) are its `#| echo: false` cells' outputs, and re-running them on the committed study gives exactly the committed outputs."
+    from execnb.shell import CaptureShell
+    nb = nbformat.read(repo_root/'nbs'/'index.ipynb', as_version=4)
+    tables = [c for c in nb.cells if c.cell_type == 'code' and '#| echo: false' in c.source]
+    assert len(tables) >= 2, 'index.ipynb shows its result tables through `#| echo: false` cells'
+    committed = [''.join(c.outputs[0]['data']['text/markdown']) for c in tables]
+    assert all('| **mean** |' in t for t in committed)
+    monkeypatch.chdir(repo_root/'nbs')   # the notebook reads the study relative to nbs/, as nbdev_test runs it
+    shell = CaptureShell()
+    for c in nb.cells:
+        if c.cell_type == 'code' and 'echo: false' not in c.source: shell.run(c.source)
+    text = lambda md: md if isinstance(md, str) else ''.join(md)   # execnb keeps lines, nbformat joins them
+    fresh = [text(shell.run(c.source)[0]['data']['text/markdown']) for c in tables]
+    assert fresh == committed, 'index.ipynb shows stale tables: re-run it (nbdev_test keeps no outputs) and `make readme`'
+
+def test_results_are_not_ignored(repo_root):
+    "Nothing under results/ (the committed study data the pages read) is matched by an ignore rule."
+    files = [str(p.relative_to(repo_root)) for p in (repo_root/'results').rglob('*') if p.is_file()]
+    assert files, 'results/ holds the committed study data'
+    r = subprocess.run(['git', 'check-ignore', '--no-index', '--stdin'], cwd=repo_root, input='\n'.join(files),
+                       capture_output=True, text=True)
+    assert r.stdout.split() == [], f'ignored result files: {r.stdout.split()[:5]}'

@@ -42,17 +42,20 @@ def test_ratio_sweep_end_to_end_and_resume(repo_root, generated_root, cache_dir,
     r3 = run_sweep(nb, grid, out, params=params, log=lambda *a: None)
     assert r3['ok'] == [names[0]] and len(r3['skipped']) == 3
 
-def toy_notebook(path):
+def two_cell_notebook(path, parameters, body):
+    "A notebook of a papermill `parameters` cell and one body cell, written to `path`."
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("x = 1\nnap = 0\nout_dir = None", metadata={'tags': ['parameters']}),
-                nbformat.v4.new_code_cell(
-                    "import json, pathlib, time\ntime.sleep(nap)\n"
-                    "if x < 0: raise ValueError(f'x must be >= 0, got {x}')\n"
-                    "import os; pathlib.Path(out_dir, 'env.json').write_text(json.dumps(dict(os.environ)))\n"
-                    "pathlib.Path(out_dir, 'results.json').write_text(json.dumps({'notebook': 'toy', 'parameters': {}, "
-                    "'summary': {'y': x}, 'hypotheses': {}}))")]
+    nb.cells = [nbformat.v4.new_code_cell(parameters, metadata={'tags': ['parameters']}), nbformat.v4.new_code_cell(body)]
     nb.metadata = {'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}}
     nbformat.write(nb, path)
+
+def toy_notebook(path):
+    two_cell_notebook(path, "x = 1\nnap = 0\nout_dir = None",
+                      "import json, pathlib, time\ntime.sleep(nap)\n"
+                      "if x < 0: raise ValueError(f'x must be >= 0, got {x}')\n"
+                      "import os; pathlib.Path(out_dir, 'env.json').write_text(json.dumps(dict(os.environ)))\n"
+                      "pathlib.Path(out_dir, 'results.json').write_text(json.dumps({'notebook': 'toy', 'parameters': {}, "
+                      "'summary': {'y': x}, 'hypotheses': {}}))")
     return path
 
 def test_cli_reports_failures_and_keeps_going(tmp_path):
@@ -186,16 +189,12 @@ def test_a_worker_without_moleflow_is_named(tmp_path):
 def test_a_dying_worker_is_reported_by_name(tmp_path):
     "The notebook of x=-2 kills the Dask worker running it: that combination is reported (KilledWorker), the other finishes."
     import dask
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("x = 1\nout_dir = None", metadata={'tags': ['parameters']}),
-                nbformat.v4.new_code_cell(
-                    "import json, os, pathlib, signal\n"
-                    "if x == -2:   # kernel -> papermill -> the Dask worker process\n"
-                    "    worker = int(open(f'/proc/{os.getppid()}/stat').read().split(')')[1].split()[1])   # papermill's parent\n"
-                    "    os.kill(worker, signal.SIGKILL); os._exit(1)\n"
-                    "pathlib.Path(out_dir, 'results.json').write_text(json.dumps({'summary': {'y': x}}))")]
-    nb.metadata = {'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}}
-    nbformat.write(nb, tmp_path/'die.ipynb')
+    two_cell_notebook(tmp_path/'die.ipynb', "x = 1\nout_dir = None",
+                      "import json, os, pathlib, signal\n"
+                      "if x == -2:   # kernel -> papermill -> the Dask worker process\n"
+                      "    worker = int(open(f'/proc/{os.getppid()}/stat').read().split(')')[1].split()[1])   # papermill's parent\n"
+                      "    os.kill(worker, signal.SIGKILL); os._exit(1)\n"
+                      "pathlib.Path(out_dir, 'results.json').write_text(json.dumps({'summary': {'y': x}}))")
     with dask.config.set({'distributed.scheduler.allowed-failures': 0}):   # give up at the first death
         r = run_sweep(tmp_path/'die.ipynb', {'x': [-2, 3]}, tmp_path/'s', scheduler='local:2', log=lambda *a: None)
     assert r['ok'] == ['die/x=3']

@@ -1,6 +1,7 @@
 """Render nbs/index.ipynb to README.md without Quarto (nbconvert), or check that README.md is current.
 
-Cells marked `#| hide` are dropped and nbdev directives (`#| ...`) are stripped from the cells that stay.
+Cells marked `#| hide` are dropped, cells marked `#| echo: false` keep only their (markdown) outputs, and nbdev
+directives (`#| ...`) are stripped from the cells that stay.
 Usage: python tools/make_readme.py nbs/index.ipynb README.md [--check]
 """
 import re, sys
@@ -9,6 +10,12 @@ import nbformat
 from nbconvert import MarkdownExporter
 
 HEADER = "<!-- Generated from nbs/index.ipynb by `make readme`; edit the notebook, not this file. -->\n\n"
+
+def _output_text(output) -> str:
+    "The markdown (or plain text) a code cell's output shows."
+    if output.get('output_type') == 'stream': return output.get('text', '')
+    data = output.get('data', {})
+    return data.get('text/markdown') or data.get('text/plain', '')
 
 def render(nb_path: Path) -> str:
     "Markdown for the notebook at `nb_path`, with hidden cells dropped and directives stripped."
@@ -19,6 +26,9 @@ def render(nb_path: Path) -> str:
         if cell.cell_type == 'code':
             directives = re.findall(r'^#\|\s*(.*)$', src, flags=re.M)
             if any(d.split()[:1] in (['hide'], ['export'], ['exporti'], ['default_exp']) for d in directives): continue
+            if any(re.fullmatch(r'echo:\s*false', d.strip()) for d in directives):   # a table computed by code: its output only
+                cells += [nbformat.v4.new_markdown_cell(_output_text(o)) for o in cell.get('outputs', []) if _output_text(o)]
+                continue
             cell.source = re.sub(r'^#\|.*\n?', '', src, flags=re.M).strip()
         cells.append(cell)
     nb.cells = cells
