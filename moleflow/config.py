@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from .files import atomic_write_text
 from .lora import _SCALINGS
-from .coupling_flow import _ADAPTERS, _CONTEXT_MODES
+from .coupling_flow import _ADAPTERS, _CONTEXT_MODES, _FILM_NORMS
 from .flow_variants import _CP_CONTEXTS, _VARIANT_SUBNETS
 from .router import PrototypeRouter
 from .evaluation import AGGREGATIONS
@@ -25,6 +25,7 @@ CHOICES = dict(          # each read from the module that implements it
     cross_patch_context=_CP_CONTEXTS,
     context_mode=_CONTEXT_MODES,
     adapter=_ADAPTERS,
+    expert_adapter_norm=_FILM_NORMS,
     lora_scaling=_SCALINGS,
     router=(*PrototypeRouter.metrics, 'oracle'),   # 'oracle': the true task id instead of a router (the trainer's evaluation)
     score_aggregation=AGGREGATIONS,
@@ -45,7 +46,7 @@ def _ablated(cfg) -> dict:
     "The fields that `cfg`'s switched-on ablations turn off, with the values they take (`no_lora` has none: the flow reads it)."
     out = {}
     if cfg.no_router: out['router'] = 'oracle'
-    if cfg.no_adapter: out['adapter'] = 'none'
+    if cfg.no_adapter: out.update(adapter='none', expert_adapter_norm='patch')
     if cfg.no_pos_embed: out['pos_embed'] = False
     if cfg.no_spatial_context: out.update(spatial_mixer=False, cross_patch_context='none')
     if cfg.no_scale_context and cfg.subnet_type == 'context': out['subnet_type'] = 'mlp'
@@ -81,6 +82,7 @@ class MoLEConfig:
     clamp: float = 1.9              # affine clamping of the coupling blocks
     adapter: str = 'film'           # per-task input adapter (main: FiLM; measured best of the four in notebook 09)
     adapter_logdet: bool = False    # add the adapter's per-channel log-scale to the log-det (shrinking the input no longer lowers the NLL)
+    expert_adapter_norm: str = 'patch'  # how a later task's FiLM adapter normalises: 'patch' (LayerNorm), 'channel' (the task's channel statistics), 'mix'
     pos_embed: bool = True          # 2-D sinusoidal positional embedding
     spatial_mixer: bool = False     # depthwise residual context mixer before the flow
     lora_rank: int = 16
@@ -196,6 +198,9 @@ class MoLEConfig:
             raise ValueError(f"config field 'context_kernel' must be >= 3 for a cross-patch neighbourhood, got {self.context_kernel}")
         if self.lora_grid and self.subnet_type != 'cross_patch':
             raise ValueError(f"config field 'lora_grid' > 0 needs subnet_type='cross_patch', got subnet_type={self.subnet_type!r}")
+        if self.expert_adapter_norm != 'patch' and self.adapter != 'film':
+            raise ValueError(f"config field 'expert_adapter_norm'={self.expert_adapter_norm!r} is an option of the FiLM adapter; "
+                             f"set adapter='film' or expert_adapter_norm='patch' (adapter={self.adapter!r})")
         if self.no_lora and self.adapter == 'none' and self.dia_blocks == 0:
             raise ValueError("config: no_lora with adapter='none' and dia_blocks=0 leaves tasks > 0 nothing to train; "
                              "keep an adapter or set dia_blocks > 0")

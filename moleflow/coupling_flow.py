@@ -72,22 +72,41 @@ class InstanceNormAdapter(nn.Module):
         "log|det| of the per-channel scale after the normalisation: sum of log|weight| (the MLP residual is not counted)."
         return self.weight.abs().log().sum()
 
+_FILM_NORMS = ('patch', 'channel', 'mix')
+
 class FiLMAdapter(nn.Module):
-    "v3 adapter: LayerNorm, per-channel FiLM, gated residual MLP; `task0_blend=b` mixes (1-b)*x + b*adapted."
-    def __init__(self, dim:int, task0_blend:float|None=None, hidden:int|None=None):
+    "v3 adapter: normalisation (`norm`), per-channel FiLM, gated residual MLP; `task0_blend=b` mixes (1-b)*x + b*adapted."
+    def __init__(self, dim:int, task0_blend:float|None=None, hidden:int|None=None, norm:str='patch'):
         super().__init__()
         self.dim = _check_pos_int('dim', dim)
         if task0_blend is not None and not (0 <= task0_blend <= 1):
             raise ValueError(f"task0_blend must be None or in [0, 1], got {task0_blend!r}")
-        self.task0_blend = task0_blend
+        if norm not in _FILM_NORMS: raise ValueError(f"norm must be one of {_FILM_NORMS}, got {norm!r}")
+        self.task0_blend, self.norm_kind = task0_blend, norm
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        if norm != 'patch':   # the task's per-channel statistics, set by `fit_channel_stats` (saved with the adapter)
+            self.register_buffer('channel_mean', torch.zeros(dim)); self.register_buffer('channel_std', torch.ones(dim))
         self.gamma, self.beta = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
         self.mlp = _mlp(dim, hidden or max(dim // 2, 128), dim, zero_last=True)
         self.gate_logit = nn.Parameter(torch.zeros(1))
 
+    @torch.no_grad()
+    def fit_channel_stats(self, feats:torch.Tensor, eps:float=1e-6):
+        "Set the per-channel mean and standard deviation over every patch of the task's training features `feats (N, H, W, D)`."
+        _check_features(feats, self.dim, 'feats')
+        if self.norm_kind == 'patch': raise ValueError("fit_channel_stats: this adapter normalises per patch (norm='patch'); it keeps no channel statistics")
+        std, mean = torch.std_mean(feats.reshape(-1, self.dim).double(), dim=0)
+        self.channel_mean.copy_(mean); self.channel_std.copy_(std.clamp_min(eps))
+
+    def normalise(self, x:torch.Tensor) -> torch.Tensor:
+        "LayerNorm over each patch's channels ('patch'), standardisation of each channel by the task's statistics ('channel'), or their average ('mix')."
+        if self.norm_kind == 'patch': return self.norm(x)
+        chan = (x - self.channel_mean) / self.channel_std
+        return chan if self.norm_kind == 'channel' else 0.5 * (chan + self.norm(x))
+
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         _check_features(x, self.dim)
-        h = self.gamma * self.norm(x) + self.beta
+        h = self.gamma * self.normalise(x) + self.beta
         y = h + torch.sigmoid(self.gate_logit) * self.mlp(h)
         return y if self.task0_blend is None else (1 - self.task0_blend) * x + self.task0_blend * y
 
@@ -222,13 +241,18 @@ class MoLEFlow(nn.Module):
                  lora_scaling:str='alpha/rank', task_bias:bool=True, subnet:str='context', context_mode:str='gate',
                  context_kernel:int=3, context_init_scale:float=0.1, context_max_alpha:float=0.2, clamp:float=1.9,
                  adapter:str='film', pos_embed:bool=True, spatial_mixer:bool=False, task0_expert:bool=True,
-                 seed:int=0, global_affine_type:str='SOFTPLUS', lora:bool=True, adapter_logdet:bool=False):
+                 seed:int=0, global_affine_type:str='SOFTPLUS', lora:bool=True, adapter_logdet:bool=False,
+                 expert_adapter_norm:str='patch'):
         super().__init__()
         if _check_pos_int('dim', dim) < 2: raise ValueError(f"dim must be an int >= 2, got {dim}")
         _check_pos_int('n_blocks', n_blocks); _check_pos_int('hidden', hidden)
         if not callable(subnet) and subnet not in _SUBNETS:
             raise ValueError(f"subnet must be one of {_SUBNETS} or a constructor (dims_in, dims_out, **lora) -> module, got {subnet!r}")
         if adapter not in _ADAPTERS: raise ValueError(f"adapter must be one of {_ADAPTERS}, got {adapter!r}")
+        if expert_adapter_norm not in _FILM_NORMS:
+            raise ValueError(f"expert_adapter_norm must be one of {_FILM_NORMS}, got {expert_adapter_norm!r}")
+        if expert_adapter_norm != 'patch' and adapter != 'film':
+            raise ValueError(f"expert_adapter_norm={expert_adapter_norm!r} is an option of the FiLM adapter, but adapter={adapter!r}")
         if global_affine_type not in _AFFINE_TYPES:
             raise ValueError(f"global_affine_type must be one of {_AFFINE_TYPES}, got {global_affine_type!r}")
         if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not (math.isfinite(clamp) and clamp > 0):
@@ -238,7 +262,7 @@ class MoLEFlow(nn.Module):
         _check_lora_args(rank, alpha, lora_scaling, 'lora_scaling')
         self.dim, self.seed, self.adapter_kind, self.task0_expert = dim, seed, adapter, task0_expert
         self.subnet_kind, self.use_pos_embed, self.lora, self.clamp = subnet, pos_embed, lora, float(clamp)
-        self.adapter_logdet = adapter_logdet
+        self.adapter_logdet, self.expert_adapter_norm = adapter_logdet, expert_adapter_norm
         lora_kw = dict(hidden=hidden, rank=rank, alpha=alpha, scaling=lora_scaling, task_bias=task_bias)
         if callable(subnet): make = partial(subnet, **lora_kw)
         elif subnet == 'mlp': make = partial(MoLESubnet, **lora_kw)
@@ -261,7 +285,7 @@ class MoLEFlow(nn.Module):
                   context_kernel=c.context_kernel, context_init_scale=c.context_init_scale,
                   context_max_alpha=c.context_max_alpha, clamp=c.clamp, adapter=c.adapter, pos_embed=c.pos_embed,
                   spatial_mixer=c.spatial_mixer, task0_expert=c.task0_expert, seed=c.seed, lora=not c.no_lora,
-                  adapter_logdet=c.adapter_logdet)
+                  adapter_logdet=c.adapter_logdet, expert_adapter_norm=c.expert_adapter_norm)
         if not (c.subnet_type == 'cross_patch' or c.lora_grid or c.patch_attention or c.dia_blocks): return cls(c.feature_dim, **kw)
         from moleflow.flow_variants import VariantFlow     # notebook 01a builds on this one, so it is imported when it is asked for
         return VariantFlow(c.feature_dim, **kw, cross_patch_context=c.cross_patch_context, cross_patch_gate=c.cross_patch_gate,
@@ -280,20 +304,29 @@ class MoLEFlow(nn.Module):
 
     def _make_adapter(self, task:int) -> nn.Module|None:
         if self.adapter_kind == 'whitening': return WhiteningAdapter(self.dim)
-        if self.adapter_kind == 'film': return FiLMAdapter(self.dim, task0_blend=0.1 if task == 0 else None)
+        if self.adapter_kind == 'film':   # task 0: mostly identity; a later task normalises as `expert_adapter_norm` says
+            return FiLMAdapter(self.dim, task0_blend=0.1) if task == 0 else FiLMAdapter(self.dim, norm=self.expert_adapter_norm)
         if self.adapter_kind == 'instance_norm': return InstanceNormAdapter(self.dim)
         return None
 
-    def add_task(self, task:int):
-        "Add `task`: a fresh expert in every LoRALinear (none with lora=False, nor for task 0 with task0_expert=False) and its adapter."
+    def needs_channel_stats(self, task:int) -> bool:
+        "Whether task `task`'s adapter standardises per channel, so `add_task` needs the task's training features."
+        return self.adapter_kind == 'film' and task != 0 and self.expert_adapter_norm != 'patch'
+
+    def add_task(self, task:int, features:torch.Tensor|None=None):
+        "Add `task`: a fresh expert in every LoRALinear (none with lora=False, nor for task 0 with task0_expert=False) and its adapter; `features (N, H, W, D)`, the task's training features, give an adapter that standardises per channel its statistics."
         _check_task(task)
         if task in self._tasks: raise ValueError(f"task {task} was already added")
+        if features is not None and not self.needs_channel_stats(task):
+            raise ValueError(f"add_task: task {task}'s adapter keeps no channel statistics (adapter={self.adapter_kind!r}, "
+                             f"expert_adapter_norm={self.expert_adapter_norm!r}); pass no features")
         ref = self.blocks[0].global_scale
         gen = torch.Generator().manual_seed(_derive_seed(self.seed, 2, task))
         if self.lora and (task != 0 or self.task0_expert):
             for m in self.lora_layers(): m.add_task(task, generator=gen)
         with _seeded(_derive_seed(self.seed, 3, task)):
             ad = self._make_adapter(task)
+        if features is not None: ad.fit_channel_stats(features)
         if ad is not None: self.adapters[str(task)] = ad.to(ref)
         self._tasks.append(task)
 

@@ -219,9 +219,9 @@ class VariantFlow(MoLEFlow):
             self.attention = PatchAttention(dim, attention_hidden) if patch_attention else None
         self.dia = nn.ModuleDict()
 
-    def add_task(self, task:int):
-        "Add `task`: its experts and adapter (as `MoLEFlow`), and its own DIA blocks when `dia_blocks > 0`."
-        super().add_task(task)
+    def add_task(self, task:int, features:torch.Tensor|None=None):
+        "Add `task`: its experts and adapter (as `MoLEFlow`, `features` included), and its own DIA blocks when `dia_blocks > 0`."
+        super().add_task(task, features)
         if self.n_dia:
             with _seeded(_derive_seed(self.seed, 4, task)):
                 dia = DIAFlow(self.dim, self.n_dia, self.dia_hidden, self.clamp)
