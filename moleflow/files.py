@@ -4,11 +4,12 @@
 
 # %% ../nbs/08c_files.ipynb #59374d60
 from __future__ import annotations
-import os, tempfile
+import fcntl, os, tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['atomic_write', 'atomic_write_text', 'atomic_write_bytes', 'atomic_torch_save']
+__all__ = ['atomic_write', 'atomic_write_text', 'atomic_write_bytes', 'atomic_torch_save', 'file_lock']
 
 # %% ../nbs/08c_files.ipynb #f76744b9
 def atomic_write(path, write) -> Path:
@@ -39,3 +40,14 @@ def atomic_torch_save(path, obj) -> Path:
     "`torch.save(obj)` to `path` atomically (checkpoints, trainer state)."
     import torch                     # only the writer of torch files needs torch
     return atomic_write(path, lambda p: torch.save(obj, p))
+
+# %% ../nbs/08c_files.ipynb #8c76521c
+@contextmanager
+def file_lock(path):
+    "Hold an exclusive advisory lock on the file `path` (created if missing) for the `with` block; other holders wait (POSIX `flock`)."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield path
+        finally: fcntl.flock(f, fcntl.LOCK_UN)

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from .files import atomic_write_text
+from .files import atomic_write_text, file_lock
 
 # %% ../nbs/04a_synthetic.ipynb #ab3bccb6
 def _coords(S):
@@ -593,6 +593,13 @@ def generate_default_dataset(out_dir, seed=0, n_train=40, n_test_good=6, n_test_
     settings = dict(version=GENERATOR_VERSION, seed=int(seed), n_train=n_train, n_test_good=n_test_good,
                     n_test_defect=n_test_defect, image_size=image_size, classes=classes)
     if _manifest_ok(out, settings): return out
+    with file_lock(out.parent / f'.{out.name}.lock'):            # two processes drawing the same set: the second waits
+        if _manifest_ok(out, settings): return out              # ... and finds it complete
+        return _draw_dataset(out, settings, classes, overwrite)
+
+def _draw_dataset(out:Path, settings:dict, classes:list, overwrite:bool) -> Path:
+    seed, image_size, n_train = settings['seed'], settings['image_size'], settings['n_train']
+    n_test_good, n_test_defect = settings['n_test_good'], settings['n_test_defect']
     for c in classes:
         if (out / c).exists() and any((out / c).iterdir()):
             if not overwrite: raise FileExistsError(f"{out / c} exists and is not empty; pass overwrite=True to replace it")
