@@ -3,7 +3,8 @@ import json, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from moleflow.config import MoLEConfig
-from moleflow.trainer import run_continual, RunError, ContinualTrainer
+from moleflow.trainer import ContinualTrainer
+from moleflow.run import run_continual, RunError
 
 from moleflow.testing import image_config as tiny_cfg   # random-weight ResNet-18 on 64-pixel images
 
