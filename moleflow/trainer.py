@@ -206,3 +206,15 @@ def load_state_dict(self: ContinualTrainer, state: dict):
     self.thresholds = copy.deepcopy(state.get('thresholds', []))   # checkpoints written before thresholds have none
     self.flow.eval()
     return self
+
+# %% ../nbs/03_continual_trainer.ipynb #0510eceb
+_MOVED_TO_RUN = ('DATASETS', 'METRICS', 'RunError', 'ClassData', 'skipped_files', 'write_skipped', 'score_features',
+                 'evaluate_seen', 'task_means', 'holdout_split', 'normal_threshold', 'run_continual', 'summarize',
+                 'markdown_table', 'write_figures', 'load_run', 'evaluate_run')
+
+def __getattr__(name):
+    "The run's names, moved to `moleflow.run` (notebook 03a), for imports written before the split."
+    if name in _MOVED_TO_RUN:
+        from moleflow import run
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
