@@ -207,7 +207,7 @@ def load_state_dict(self: ContinualTrainer, state: dict):
     self.flow.eval()
     return self
 
-# %% ../nbs/03_continual_trainer.ipynb #0510eceb
+# %% ../nbs/03_continual_trainer.ipynb #973acca2
 _MOVED_TO_RUN = ('DATASETS', 'METRICS', 'RunError', 'ClassData', 'skipped_files', 'write_skipped', 'score_features',
                  'evaluate_seen', 'task_means', 'holdout_split', 'normal_threshold', 'run_continual', 'summarize',
                  'markdown_table', 'write_figures', 'load_run', 'evaluate_run')
