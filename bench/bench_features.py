@@ -57,14 +57,14 @@ def main():
             extracts, reads = [], []
             for r in range(a.repeats):
                 cache = FeatureCache(Path(td) / f'{c}-{s}-{r}')  # fresh folder: the first call must extract
-                feats = cache.features(ext, ds, batch_size=a.batch_size, progress=False)
-                assert not cache.last_info['hit']
-                extracts.append(cache.last_info['seconds'])
+                feats, info = cache.features_with_info(ext, ds, batch_size=a.batch_size, progress=False)
+                assert not info['hit']
+                extracts.append(info['seconds'])
                 again = FeatureCache(Path(td) / f'{c}-{s}-{r}')  # a later epoch/run: new instance, same folder
-                g = again.features(ext, ds, batch_size=a.batch_size, progress=False)
-                assert again.last_info['hit'] and torch.equal(g, feats)
-                reads.append(again.last_info['seconds'])
-            size = Path(cache.last_info['path']).stat().st_size
+                g, hit = again.features_with_info(ext, ds, batch_size=a.batch_size, progress=False)
+                assert hit['hit'] and torch.equal(g, feats)
+                reads.append(hit['seconds'])
+            size = Path(info['path']).stat().st_size
             rows.append(dict(cls=c, split=s, n=len(ds), shape=list(feats.shape), extract_s=statistics.median(extracts),
                              cached_s=statistics.median(reads), entry_mb=size / 2**20))
     # pure backbone throughput on preloaded images (no decode, no cache), best of the repeats

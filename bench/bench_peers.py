@@ -134,8 +134,9 @@ def run_moleflow(name, root, ds_cls, dataset, classes, a, bar):
     "Continual training over `classes` with `run_continual`, then the routed and the oracle inference path, timed."
     import torch
     from moleflow.config import make_config
-    from moleflow.features import get_backbone, FeatureCache
-    from moleflow.trainer import run_continual, ContinualTrainer
+    from moleflow.features import get_backbone
+    from moleflow.trainer import ContinualTrainer
+    from moleflow.run import run_continual, open_classes
     from moleflow.evaluation import anomaly_maps, image_scores
     over = dict(cache_dir=str(Path(a.out_dir) / 'feature_cache' / name), image_size=a.image_size, crop_size=a.crop_size)
     if a.epochs: over['epochs'] = a.epochs
@@ -144,12 +145,9 @@ def run_moleflow(name, root, ds_cls, dataset, classes, a, bar):
     res = {}
     with PeakRSS() as mem:
         ext = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim).to(a.device)
-        cache, extract = FeatureCache(cfg.cache_dir), {}   # the cache extracts where the backbone lives (GPU with --device cuda)
-        for c in classes:   # extract (and cache) every split once, timed per class; run_continual then reads the cache
-            for split in ('train', 'test'):
-                ds = ds_cls(root, c, split=split, resize=cfg.image_size, crop=cfg.crop_size)
-                cache.features(ext, ds, progress=False)
-                extract[(c, split)] = cache.last_info['seconds']
+        data = open_classes(cfg, root, classes, dataset=dataset, extractor=ext)   # the cache extracts where the backbone lives (GPU with --device cuda)
+        for d in data.values(): d.train_features, d.test_features   # extract (and cache) every split once, timed; run_continual then reads the cache
+        extract = {(c, split): d.timings[split]['seconds'] for c, d in data.items() for split in ('train', 'test')}
         t0 = time.perf_counter()
         m = run_continual(cfg, root, [[c] for c in classes], Path(a.out_dir) / f'moleflow_{name}', dataset=dataset,
                           overwrite=True, figures=False, progress=True)
@@ -481,7 +479,7 @@ def main(argv=None):
     logging.getLogger('anomalib').setLevel(logging.ERROR)
     t_start = time.perf_counter()
     from lite0_hub import populate_hf_cache
-    from moleflow.trainer import DATASETS
+    from moleflow.run import DATASETS
     from moleflow.synthetic import generate_default_dataset
     from moleflow.cli import DEMO_TASKS
     hub = populate_hf_cache(os.environ['HF_HOME'])

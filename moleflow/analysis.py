@@ -15,9 +15,10 @@ from .config import MoLEConfig, make_config
 from .files import atomic_write_text, atomic_torch_save
 from .data import denormalize, list_categories
 from .synthetic import generate_default_dataset
-from .features import get_backbone, FeatureCache
+from .features import FeatureCache
 from .losses import patch_nll, tail_k
-from .trainer import ContinualTrainer, ClassData, DATASETS, evaluate_seen
+from .trainer import ContinualTrainer
+from .run import ClassData, DATASETS, evaluate_seen, open_classes
 try: import fcntl
 except ImportError: fcntl = None   # not POSIX: no file lock
 
@@ -472,10 +473,8 @@ def make_study(name:str, data_root=None, classes=('fabric', 'screw'), dataset:st
                                'image_size': image_size, 'crop_size': crop_size, 'tail_weight': tail_weight,
                                'tail_top_k_ratio': tail_top_k_ratio, 'epochs': epochs, 'cache_dir': cache_dir,
                                'router': 'oracle', 'seed': seeds[0]})
-    extractor = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
-    cache, ds_cls, kw = FeatureCache(cfg.cache_dir), DATASETS[dataset], dict(resize=cfg.image_size, crop=cfg.crop_size)
-    data = {c: ClassData(c, ds_cls(data_root, c, split='train', **kw), ds_cls(data_root, c, split='test', **kw),
-                         cache, extractor, progress) for c in classes}
+    data = open_classes(cfg, data_root, classes, dataset=dataset, progress=progress)
+    cache, extractor = data[classes[0]].cache, data[classes[0]].extractor   # the study extracts further splits with them
     out = Path(out_dir) if out_dir is not None else analysis_dir('runs', name)
     out.mkdir(parents=True, exist_ok=True)
     return Study(name, cfg, classes, data, seeds, out, data_root, cache, extractor, parameters, progress, reuse_models)

@@ -113,7 +113,7 @@ def scheduler_of(args) -> str:
 # %% ../nbs/08a_cli.ipynb #753b7a95
 def cmd_train(args):
     "Serial by default; with `--workers N`, `--scheduler` or `--device cuda` the experts of tasks 1.. train on workers (`moleflow.parallel`)."
-    from moleflow.trainer import run_continual, markdown_table
+    from moleflow.run import run_continual, markdown_table
     cfg = None if args.resume else config_from_args(args)
     tasks, dataset = tasks_from_args(args)
     kw = dict(dataset=dataset, resume=args.resume, overwrite=args.overwrite, skip_bad=args.skip_bad,
@@ -127,7 +127,7 @@ def cmd_train(args):
     if m['skipped']: print(f"skipped {m['skipped']} bad file(s), listed in {Path(args.out)/'skipped.txt'}")
 
 def cmd_eval(args):
-    from moleflow.trainer import evaluate_run, write_skipped
+    from moleflow.run import evaluate_run, write_skipped
     from moleflow.files import atomic_write_text
     from moleflow.report import write_report
     out = Path(args.run)/'eval_metrics.json'
@@ -149,7 +149,7 @@ def cmd_make_data(args):
 
 def cmd_demo(args):
     from moleflow.synthetic import generate_default_dataset
-    from moleflow.trainer import run_continual, markdown_table
+    from moleflow.run import run_continual, markdown_table
     cfg = config_from_args(args)
     out = Path(args.out)
     t0 = time.time()

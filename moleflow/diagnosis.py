@@ -13,7 +13,8 @@ from .config import MoLEConfig, make_config, get_preset, atomic_write_text
 from .data import MVTecDataset, generate_default_dataset
 from .features import get_backbone, FeatureCache
 from .evaluation import anomaly_maps, image_scores, evaluate_task
-from .trainer import ContinualTrainer, ClassData, task_epochs
+from .trainer import ContinualTrainer, task_epochs
+from .run import ClassData, open_classes as open_run_classes
 
 # %% auto #0
 __all__ = ['SEQUENCES', 'METRIC_KEYS', 'AGGREGATIONS_COMPARED', 'ARMS', 'FEATURE_KEYS', 'ALONE', 'nn_distance_maps', 'sequence',
@@ -65,15 +66,15 @@ def data_roots(shared=None, generated=None) -> dict:
 
 def open_classes(refs, roots:dict, cfg:MoLEConfig, extractor, cache:FeatureCache, progress:bool=False) -> dict:
     "`{class: ClassData}` of the `(root, class)` pairs `refs` (the generated root is drawn when missing)."
-    out, kw = {}, dict(resize=cfg.image_size, crop=cfg.crop_size)
+    out = {}
     for root, cls in refs:
         if root not in roots: raise ValueError(f"unknown data root {root!r}: one of {sorted(roots)}")
         path = Path(roots[root])
         if root == 'generated': path = generate_default_dataset(path, seed=0)
         if not (path / cls / 'train' / 'good').is_dir():
             raise FileNotFoundError(f"class {cls!r} not found under {path} (expected {path / cls / 'train' / 'good'})")
-        out[cls] = ClassData(cls, MVTecDataset(path, cls, split='train', **kw), MVTecDataset(path, cls, split='test', **kw),
-                             cache, extractor, progress)
+        out.update(open_run_classes(cfg, path, [cls], extractor=extractor, cache=cache, features=extractor is not None,
+                                    progress=progress))   # no extractor: data sets and ground truth only
     return out
 
 # %% ../nbs/09d_accuracy.ipynb #ba1d47d3
@@ -120,7 +121,7 @@ def code_version() -> dict:
 
 def _save_maps(path:Path, maps:dict):
     "Save `{class: (N,h,w) maps}` as float16 atomically."
-    from moleflow.trainer import _checkpoint
+    from moleflow.run import _checkpoint
     _checkpoint(Path(path), {k: v.half() for k, v in maps.items()})
 
 def _adapter_log_scale(flow, task:int) -> float|None:

@@ -293,7 +293,7 @@ class FeatureCache:
     "Disk cache of patch features: extract once per (backbone, transform, exact input files), reuse forever."
     def __init__(self, cache_dir=None, store_dtype:str='float16'):
         if store_dtype not in ('float16', 'float32'): raise ValueError(f"store_dtype must be 'float16' or 'float32', got {store_dtype!r}")
-        self.cache_dir, self.store_dtype, self.last_info = cache_dir, store_dtype, None
+        self.cache_dir, self.store_dtype = cache_dir, store_dtype
 
     @property
     def root(self) -> Path:
@@ -338,8 +338,8 @@ class FeatureCache:
                 i += len(f)
         return out
 
-    def features(self, extractor:nn.Module, dataset, batch_size:int=16, progress:bool=True, num_workers:int=0) -> torch.Tensor:
-        "Patch features `(N,H,W,D)` float32 of `dataset` in its order, read from the cache or extracted and stored."
+    def features_with_info(self, extractor:nn.Module, dataset, batch_size:int=16, progress:bool=True, num_workers:int=0):
+        "`(features, info)`: the patch features `(N,H,W,D)` float32 of `dataset` in its order, read from the cache or extracted and stored, and what it took (`hit`, `seconds`, `key`, `path`, `n`, `shape`)."
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         t0 = time.perf_counter()
@@ -351,9 +351,12 @@ class FeatureCache:
         if not hit:
             feats = self._extract(extractor, dataset, batch_size, progress, num_workers)
             feats = self._write(key, feats, extractor, dataset, time.perf_counter() - t0).float()  # what a hit returns
-        self.last_info = dict(hit=hit, seconds=time.perf_counter() - t0, key=key, path=str(self.root / f'{key}.safetensors'),
-                              n=n, shape=list(feats.shape))
-        return feats
+        return feats, dict(hit=hit, seconds=time.perf_counter() - t0, key=key, path=str(self.root / f'{key}.safetensors'),
+                           n=n, shape=list(feats.shape))
+
+    def features(self, extractor:nn.Module, dataset, batch_size:int=16, progress:bool=True, num_workers:int=0) -> torch.Tensor:
+        "Patch features `(N,H,W,D)` float32 of `dataset` in its order, read from the cache or extracted and stored."
+        return self.features_with_info(extractor, dataset, batch_size, progress, num_workers)[0]
 
     def as_stored(self, feats:torch.Tensor) -> torch.Tensor:
         "`feats` at the precision the cache stores (and so returns) them: `store_dtype`, float32 where float16 overflows."

@@ -12,7 +12,8 @@ import torch
 from .config import MoLEConfig
 from .cluster import open_executor, check_request
 from .features import FeatureCache, get_backbone
-from .trainer import ContinualTrainer, RunError, run_continual, holdout_split, _seed_for
+from .trainer import ContinualTrainer, _seed_for
+from .run import RunError, run_continual, holdout_split
 from .files import atomic_torch_save
 
 # %% auto #0

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .files import atomic_write_text
 from .data import IMAGE_SUFFIXES, DataError, MissingDataError, read_rgb, transform_image, denormalize
 from .features import get_backbone, FeatureCache
-from .trainer import load_run, score_features, write_skipped
+from .run import load_run, score_features, write_skipped
 
 # %% auto #0
 __all__ = ['CSV_COLUMNS', 'check_threshold', 'load_image', 'find_images', 'Predictor', 'heat_rgb']

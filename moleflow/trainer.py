@@ -4,23 +4,17 @@
 
 # %% ../nbs/03_continual_trainer.ipynb #0fb32dd4
 from __future__ import annotations
-import copy, json, logging, math, os, shutil, time
-from dataclasses import asdict
-from pathlib import Path
+import copy, logging, math, time
 import numpy as np, torch
 from tqdm.auto import tqdm
-from .config import MoLEConfig, load_config, save_config
-from .files import atomic_write_text, atomic_torch_save
+from fastcore.basics import patch
+from .config import MoLEConfig
 from .coupling_flow import MoLEFlow
 from .losses import patch_nll, tail_aware_loss, mean_nll, focal_nll, center_loss, logdet_reg
 from .router import PrototypeRouter
 
 # %% auto #0
-__all__ = ['DATASETS', 'METRICS', 'flow_loss', 'lr_factor', 'NonFiniteLossError', 'ContinualTrainer', 'build_flow',
-           'context_record', 'task_epochs', 'train_task', 'nll_maps', 'route', 'trainer_state', 'load_trainer_state',
-           'RunError', 'ClassData', 'skipped_files', 'write_skipped', 'score_features', 'evaluate_seen', 'task_means',
-           'holdout_split', 'normal_threshold', 'run_continual', 'summarize', 'markdown_table', 'write_figures',
-           'load_run', 'evaluate_run']
+__all__ = ['flow_loss', 'lr_factor', 'NonFiniteLossError', 'build_flow', 'context_record', 'ContinualTrainer', 'task_epochs']
 
 # %% ../nbs/03_continual_trainer.ipynb #821373e8
 def flow_loss(z, logdet, cfg: MoLEConfig, generator: torch.Generator|None = None):
@@ -50,25 +44,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 class NonFiniteLossError(RuntimeError):
     "Training produced non-finite losses too often to go on."
 
-# %% ../nbs/03_continual_trainer.ipynb #1c6b6c13
-def _seed_for(seed: int, task: int) -> int: return seed * 10_007 + task
-
-class ContinualTrainer:
-    "The flow and the router of a continual run, trained task by task on patch features."
-    def __init__(self, cfg: MoLEConfig, progress: bool = True, log=None):
-        self.cfg, self.progress, self.log = cfg, progress, log or logging.getLogger('moleflow.trainer')
-        self.flow = build_flow(cfg)
-        self.router = PrototypeRouter(metric='euclidean' if cfg.effective.router == 'euclidean' else 'mahalanobis')
-        self.num_tasks, self.history = 0, []   # history: one list of epoch records per task
-        self.thresholds = []                   # decision thresholds: one record per task (`normal_threshold`, run_continual)
-
-    def _check_task(self, task):
-        if not (isinstance(task, int) and 0 <= task < self.num_tasks):
-            raise ValueError(f"task must be an int in [0, {self.num_tasks}), got {task!r}")
-
-# %% ../nbs/03_continual_trainer.ipynb #f5b69522
-from .flow_variants import VariantFlow
-
 # %% ../nbs/03_continual_trainer.ipynb #853fe2c3
 def build_flow(cfg: MoLEConfig) -> MoLEFlow:
     "The flow that `cfg` describes: a `MoLEFlow`, or a `VariantFlow` (notebook 01a) when a design variant is on (`MoLEFlow.from_config`)."
@@ -85,19 +60,35 @@ def context_record(flow: MoLEFlow) -> dict:
     if alphas: rec.update(alpha=float(np.mean(alphas)), alpha_min=min(alphas), alpha_max=max(alphas))
     return rec
 
+# %% ../nbs/03_continual_trainer.ipynb #1c6b6c13
+def _seed_for(seed: int, task: int) -> int: return seed * 10_007 + task
+
+class ContinualTrainer:
+    "The flow and the router of a continual run, trained task by task on patch features."
+    def __init__(self, cfg: MoLEConfig, progress: bool = True, log=None):
+        self.cfg, self.progress, self.log = cfg, progress, log or logging.getLogger('moleflow.trainer')
+        self.flow = build_flow(cfg)
+        self.router = PrototypeRouter(metric='euclidean' if cfg.effective.router == 'euclidean' else 'mahalanobis')
+        self.num_tasks, self.history = 0, []   # history: one list of epoch records per task
+        self.thresholds = []                   # decision thresholds: one record per task (`normal_threshold`, run_continual)
+
+    def _check_task(self, task):
+        if not (isinstance(task, int) and 0 <= task < self.num_tasks):
+            raise ValueError(f"task must be an int in [0, {self.num_tasks}), got {task!r}")
+
 # %% ../nbs/03_continual_trainer.ipynb #1c972b93
+@patch
 def _train_params(self: ContinualTrainer, t: int):
     "Parameters trained for task `t`: everything for task 0, the task's own parameters afterwards."
     if t == 0: return [p for p in self.flow.parameters() if p.requires_grad]
     return list(self.flow.task_parameters(t))
 
+@patch
 def _slow_stage_params(self: ContinualTrainer, t: int):
     "Base weights of the last `slow_stage_blocks` coupling blocks (shared: training them breaks zero forgetting)."
     task_ids = {id(p) for k in range(self.num_tasks) for p in self.flow.task_parameters(k)}
     blocks = list(self.flow.blocks)[-self.cfg.slow_stage_blocks:]
     return [p for b in blocks for p in b.parameters() if id(p) not in task_ids]
-
-ContinualTrainer._train_params, ContinualTrainer._slow_stage_params = _train_params, _slow_stage_params
 
 # %% ../nbs/03_continual_trainer.ipynb #1867de02
 def task_epochs(cfg: MoLEConfig, n_samples: int, task: int) -> int:
@@ -106,6 +97,8 @@ def task_epochs(cfg: MoLEConfig, n_samples: int, task: int) -> int:
     if task == 0 or cfg.expert_min_steps <= 0: return cfg.epochs
     return max(cfg.epochs, min(cfg.max_epochs, math.ceil(cfg.expert_min_steps / n_batches)))
 
+# %% ../nbs/03_continual_trainer.ipynb #d4451ac4
+@patch
 def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_name: str = '', on_epoch_end=None):
     "Add a task and train it on patch features `feats (N,H,W,D)`; `classes` labels each sample for the router; `on_epoch_end(epoch, record)` is called after each epoch."
     cfg, t = self.cfg, self.num_tasks
@@ -169,9 +162,8 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
     self.history.append(records)
     return opt
 
-ContinualTrainer.train_task = train_task
-
 # %% ../nbs/03_continual_trainer.ipynb #0ee03323
+@patch
 @torch.inference_mode()
 def nll_maps(self: ContinualTrainer, feats: torch.Tensor, tasks) -> torch.Tensor:
     "Per-patch NLL `(N,H,W)` of features `feats (N,H,W,D)`, each image through the expert of its task in `tasks`."
@@ -189,19 +181,22 @@ def nll_maps(self: ContinualTrainer, feats: torch.Tensor, tasks) -> torch.Tensor
             out[j] = patch_nll(z, logdet)
     return out
 
+@patch
 @torch.inference_mode()
 def route(self: ContinualTrainer, feats: torch.Tensor) -> torch.Tensor:
     "Task ids predicted by the router for features `(N,H,W,D)`."
     return self.router.route(feats)
 
-ContinualTrainer.nll_maps, ContinualTrainer.route = nll_maps, route
-
 # %% ../nbs/03_continual_trainer.ipynb #a5aee1a1
-def trainer_state(self: ContinualTrainer) -> dict:
+@patch
+def state_dict(self: ContinualTrainer) -> dict:
+    "The trainer's state: the number of tasks, the flow's and the router's state, the history and the thresholds."
     return {'num_tasks': self.num_tasks, 'flow': self.flow.state_dict(), 'router': self.router.state_dict(),
             'history': self.history, 'thresholds': self.thresholds}
 
-def load_trainer_state(self: ContinualTrainer, state: dict):
+@patch
+def load_state_dict(self: ContinualTrainer, state: dict):
+    "Load `state` (from `state_dict`), adding the flow's experts it needs; returns the trainer."
     for t in range(self.num_tasks, state['num_tasks']): self.flow.add_task(t)
     self.num_tasks = state['num_tasks']
     self.flow.load_state_dict(state['flow'])
@@ -212,311 +207,14 @@ def load_trainer_state(self: ContinualTrainer, state: dict):
     self.flow.eval()
     return self
 
-ContinualTrainer.state_dict, ContinualTrainer.load_state_dict = trainer_state, load_trainer_state
+# %% ../nbs/03_continual_trainer.ipynb #973acca2
+_MOVED_TO_RUN = ('DATASETS', 'METRICS', 'RunError', 'ClassData', 'skipped_files', 'write_skipped', 'score_features',
+                 'evaluate_seen', 'task_means', 'holdout_split', 'normal_threshold', 'run_continual', 'summarize',
+                 'markdown_table', 'write_figures', 'load_run', 'evaluate_run')
 
-# %% ../nbs/03_continual_trainer.ipynb #7fff337f
-from .data import MVTecDataset, MPDDDataset, VisADataset, class_folder_dataset, list_categories
-from .features import get_backbone, FeatureCache
-from .report import write_report
-from .evaluation import anomaly_maps, image_scores, evaluate_task, final_average, forgetting, bwt, plot_result_matrix, plot_anomaly_grid
-
-DATASETS = {'mvtec': MVTecDataset, 'mpdd': MPDDDataset, 'visa': VisADataset, 'folder': class_folder_dataset}
-METRICS = ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max', 'routing_acc')
-
-class RunError(ValueError):
-    "A run cannot start: bad data root, tasks, or run folder."
-
-# %% ../nbs/03_continual_trainer.ipynb #01b50db5
-def _check_run_dir(out: Path, resume: bool, overwrite: bool):
-    "Refuse to clobber results; on resume, require a checkpoint. Nothing is written here."
-    ckpts = sorted((out/'checkpoints').glob('task_*.pt')) if out.exists() else []
-    if resume:
-        if not ckpts: raise RunError(f"--resume: no checkpoint in {out/'checkpoints'}; start the run without --resume")
-        return ckpts[-1]
-    has_results = out.exists() and ((out/'metrics.json').exists() or ckpts)
-    if has_results and not overwrite:
-        raise RunError(f"{out} already holds results (metrics.json or checkpoints); use --overwrite to replace them, "
-                       f"--resume to continue, or another --out")
-    return None
-
-def _check_tasks(data_root: Path, tasks, dataset: str):
-    if dataset not in DATASETS: raise RunError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
-    if not data_root.is_dir(): raise RunError(f"data root {data_root} is not a folder")
-    if not tasks or any(not t for t in tasks): raise RunError(f"tasks must be a non-empty list of non-empty class lists, got {tasks}")
-    available = list_categories(data_root) if dataset != 'visa' else None
-    if available is not None:
-        if not available: raise RunError(f"data root {data_root} holds no classes (expected <class>/train/good/ folders)")
-        missing = [c for t in tasks for c in t if c not in available]
-        if missing: raise RunError(f"unknown task class(es) {missing} in {data_root}; available: {available}")
-    flat = [c for t in tasks for c in t]
-    if len(set(flat)) != len(flat): raise RunError(f"a class appears in more than one task: {tasks}")
-
-# %% ../nbs/03_continual_trainer.ipynb #1e68aea9
-class ClassData:
-    "Features, masks and labels of one class's test split, and features of its training split, loaded once."
-    def __init__(self, name, train, test, cache, extractor, progress):
-        self.name, self.train_ds, self.test_ds = name, train, test
-        self._cache, self._ext, self._progress = cache, extractor, progress
-        self._train = self._test = self._gt = None
-        self.extraction_s = 0.0
-
-    def _features(self, ds):
-        f = self._cache.features(self._ext, ds, progress=self._progress)
-        info = getattr(self._cache, 'last_info', None) or {}
-        if not info.get('hit', False): self.extraction_s += info.get('seconds', 0.0)
-        return f
-
-    @property
-    def train_features(self):
-        if self._train is None: self._train = self._features(self.train_ds)
-        return self._train
-
-    @property
-    def test_features(self):
-        if self._test is None: self._test = self._features(self.test_ds)
-        return self._test
-
-    @property
-    def ground_truth(self):
-        "Masks `(N,1,S,S)` uint8 and labels `(N,)` of the test split."
-        if self._gt is None:
-            masks, labels = [], []
-            for i in range(len(self.test_ds)):
-                item = self.test_ds[i]
-                masks.append(item['mask'].to(torch.uint8)); labels.append(int(item['label']))
-            self._gt = torch.stack(masks), torch.tensor(labels)
-        return self._gt
-
-# %% ../nbs/03_continual_trainer.ipynb #cc12377c
-def skipped_files(data: dict) -> list:
-    "The `(path, reason)` pairs every data set of `data` (class name -> ClassData) skipped."
-    return [(p, why) for d in data.values() for ds in (d.train_ds, d.test_ds) if ds is not None for p, why in ds.skipped]
-
-def write_skipped(path: Path, skipped):
-    "List skipped files, one `path<TAB>reason` line each, atomically."
-    atomic_write_text(path, ''.join(f"{p}\t{why}\n" for p, why in skipped))
-
-# %% ../nbs/03_continual_trainer.ipynb #1384bfa3
-def score_features(trainer: ContinualTrainer, feats: torch.Tensor, tasks, cfg: MoLEConfig):
-    "Anomaly maps `(N,S,S)` and image scores `(N,)` of features `(N,H,W,D)` through the experts `tasks`: the one scoring of eval and predict."
-    maps = anomaly_maps(trainer.nll_maps(feats, tasks), cfg.crop_size, sigma=cfg.blur_sigma)
-    return maps, image_scores(maps, cfg.score_aggregation, cfg.score_param)
-
-def evaluate_seen(trainer: ContinualTrainer, data: dict, tasks, upto: int, cfg: MoLEConfig):
-    "Metrics of every class in tasks `0..upto` with routed (or oracle) task ids; also returns the maps and timing."
-    per_class, maps_out, n_img, secs = {}, {}, 0, 0.0
-    for t in range(upto + 1):
-        for c in tasks[t]:
-            d = data[c]
-            feats = d.test_features
-            masks, labels = d.ground_truth
-            t0 = time.time()
-            routed = torch.full((len(feats),), t) if cfg.effective.router == 'oracle' else trainer.route(feats)
-            maps, scores = score_features(trainer, feats, routed, cfg)
-            secs += time.time() - t0; n_img += len(feats)
-            m = evaluate_task(maps, masks, labels, scores)
-            m['routing_acc'] = float((routed == t).float().mean())
-            per_class[c] = {k: float(m[k]) for k in METRICS}
-            maps_out[c] = maps
-    return per_class, maps_out, 1000 * secs / max(1, n_img)
-
-def task_means(per_class: dict, tasks, upto: int) -> dict:
-    "Each task's metrics: the mean over its classes."
-    return {t: {k: float(np.nanmean([per_class[c][k] for c in tasks[t]])) for k in METRICS} for t in range(upto + 1)}
-
-# %% ../nbs/03_continual_trainer.ipynb #d0c3c14d
-def holdout_split(feats: torch.Tensor, fraction: float, gen: torch.Generator, name: str = ''):
-    "One class's training features split into (fit, held out): a random `fraction` (drawn with `gen`) held out; none when 0."
-    if fraction == 0: return feats, feats[:0]
-    n_held = max(1, round(fraction * len(feats)))
-    if len(feats) - n_held < 2:
-        raise RunError(f"threshold_holdout={fraction} leaves {len(feats) - n_held} of the {len(feats)} training images of "
-                       f"{name!r} to train on; at least 2 are needed (lower threshold_holdout or set it to 0)")
-    order = torch.randperm(len(feats), generator=gen)
-    return feats[order[n_held:].sort().values], feats[order[:n_held].sort().values]
-
-def normal_threshold(trainer: ContinualTrainer, feats: torch.Tensor, task: int, cfg: MoLEConfig, source: str) -> dict:
-    "Task `task`'s decision threshold: the `threshold_quantile` of the scores of normal features `feats` through its expert."
-    maps, scores = score_features(trainer, feats, torch.full((len(feats),), task), cfg)
-    return {'task': task, 'threshold': float(torch.quantile(scores.double(), cfg.threshold_quantile)),
-            'quantile': cfg.threshold_quantile, 'source': source, 'n_images': len(feats), 'map_median': float(maps.median())}
-
-# %% ../nbs/03_continual_trainer.ipynb #a4b5cc77
-def _checkpoint(path: Path, payload: dict):
-    "Save `payload` atomically (`moleflow.files`, notebook 08c)."
-    atomic_torch_save(path, payload)
-
-def _run_logger(out: Path):
-    log = logging.getLogger(f'moleflow.run.{out.resolve()}')
-    log.setLevel(logging.INFO); log.propagate = False
-    for h in list(log.handlers): log.removeHandler(h); h.close()
-    h = logging.FileHandler(out/'train.log'); h.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-    log.addHandler(h)
-    return log
-
-# %% ../nbs/03_continual_trainer.ipynb #c8056d01
-def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvtec', resume: bool = False,
-                  overwrite: bool = False, progress: bool = True, figures: bool = True, on_task_end=None,
-                  skip_bad: bool = False, dataset_kwargs: dict | None = None, scenario: str | None = None, train=None) -> dict:
-    "Train `tasks` (lists of class names) one after another on `data_root`, evaluating after each; write the run to `out`."
-    # train: None trains each task here; else `train(trainer, t, feats, classes, tasks, data) -> (optimizer, seconds)`
-    # adds task t to the trainer (moleflow.parallel trains tasks 1.. on Dask workers)
-    out = Path(out)
-    last_ckpt = _check_run_dir(out, resume, overwrite)
-    if resume:
-        saved = json.loads((out/'run.json').read_text())
-        cfg, tasks, dataset = load_config(out/'config.json'), saved['tasks'], saved['dataset']
-        data_root = Path(data_root) if data_root is not None else Path(saved['data_root'])
-        skip_bad, dataset_kwargs = skip_bad or saved.get('skip_bad', False), saved.get('dataset_kwargs')
-        scenario = saved.get('scenario')
-    data_root = Path(data_root)
-    tasks = [list(t) for t in tasks]
-    _check_tasks(data_root, tasks, dataset)
-    extractor = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
-    cache = FeatureCache(cfg.cache_dir)
-    ds_cls, kw = DATASETS[dataset], dict(resize=cfg.image_size, crop=cfg.crop_size, skip_bad=skip_bad, **(dataset_kwargs or {}))
-    data = {c: ClassData(c, ds_cls(data_root, c, split='train', **kw), ds_cls(data_root, c, split='test', **kw), cache, extractor, progress)
-            for t in tasks for c in t}   # every file is checked here: a bad one stops the run before anything is written
-    # all checks passed: from here on the folder is written
-    if overwrite and not resume:
-        for p in [out/'metrics.json', out/'checkpoints', out/'figures', out/'skipped.txt']:
-            if p.is_dir(): shutil.rmtree(p)
-            elif p.exists(): p.unlink()
-    out.mkdir(parents=True, exist_ok=True); (out/'figures').mkdir(exist_ok=True)
-    log = _run_logger(out)
-    if not resume:
-        save_config(cfg, out/'config.json')
-        atomic_write_text(out/'run.json', json.dumps({'data_root': str(data_root), 'dataset': dataset, 'tasks': tasks,
-                                                      'skip_bad': skip_bad, 'dataset_kwargs': dataset_kwargs,
-                                                      'scenario': scenario}, indent=2))
-    if skipped := skipped_files(data):
-        write_skipped(out/'skipped.txt', skipped)
-        log.info(f"skipped {len(skipped)} bad file(s), listed in {out/'skipped.txt'}")
-    trainer = ContinualTrainer(cfg, progress=progress, log=log)
-    rows, train_s, infer_ms, maps = [], [], [], None
-    if last_ckpt is not None:
-        ck = torch.load(last_ckpt, weights_only=False)
-        trainer.load_state_dict(ck['trainer']); torch.set_rng_state(ck['rng'])
-        rows, train_s, infer_ms = ck['rows'], ck['train_s'], ck['infer_ms']
-        log.info(f"resumed from {last_ckpt.name}: {trainer.num_tasks} task(s) done")
-    for t in range(trainer.num_tasks, len(tasks)):
-        name = '+'.join(tasks[t])
-        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, t))
-        split = {c: holdout_split(data[c].train_features, cfg.threshold_holdout, gen, c) for c in tasks[t]}
-        feats = torch.cat([split[c][0] for c in tasks[t]])
-        classes = [c for c in tasks[t] for _ in range(len(split[c][0]))]
-        t0 = time.time()
-        if train is None: opt, secs = trainer.train_task(feats, classes=classes, task_name=name), None
-        else: opt, secs = train(trainer, t, feats, classes, tasks, data)
-        train_s.append(time.time() - t0 if secs is None else secs)
-        held = torch.cat([split[c][1] for c in tasks[t]])
-        trainer.thresholds.append(normal_threshold(trainer, held, t, cfg, 'held_out') if len(held) else
-                                  normal_threshold(trainer, feats, t, cfg, 'train'))
-        per_class, maps, ms = evaluate_seen(trainer, data, tasks, t, cfg)
-        infer_ms.append(ms)
-        rows.append({'per_class': per_class, 'per_task': {str(k): v for k, v in task_means(per_class, tasks, t).items()}})
-        log.info(f"task {t} ({name}) done in {train_s[-1]:.1f}s: " + json.dumps(rows[-1]['per_task'][str(t)]))
-        _checkpoint(out/'checkpoints'/f'task_{t:02d}.pt',
-                    {'task': t, 'trainer': trainer.state_dict(), 'optimizer': opt.state_dict(), 'rng': torch.get_rng_state(),
-                     'config': asdict(cfg), 'tasks': tasks, 'rows': rows, 'train_s': train_s, 'infer_ms': infer_ms})
-        if on_task_end is not None: on_task_end(t)
-    metrics = summarize(rows, tasks, trainer, data, train_s, infer_ms)
-    metrics['protocol']['scenario'] = scenario
-    if maps is None: _, maps, _ = evaluate_seen(trainer, data, tasks, len(tasks) - 1, cfg)   # resumed after the last task
-    if figures: write_figures(out/'figures', metrics, trainer, data, maps, tasks)
-    atomic_write_text(out/'metrics.json', json.dumps(metrics, indent=2))
-    write_report(out, metrics)
-    log.info('metrics and report.html written')
-    return metrics
-
-# %% ../nbs/03_continual_trainer.ipynb #b768f2fe
-def summarize(rows, tasks, trainer, data, train_s, infer_ms) -> dict:
-    "The `metrics.json` record of a finished run."
-    T = len(tasks)
-    final = rows[-1]['per_class']
-    matrix = {k: [[rows[i]['per_task'][str(j)][k] if j <= i else None for j in range(T)] for i in range(T)] for k in METRICS}
-    def _mat(k): return np.array([[np.nan if v is None else v for v in r] for r in matrix[k]])
-    counts = trainer.flow.param_counts()
-    return {
-        'tasks': tasks,
-        'final': final,
-        'mean': {k: float(np.nanmean([final[c][k] for c in final])) for k in METRICS},
-        'matrix': matrix,
-        'forgetting': {k: float(forgetting(_mat(k))) if T > 1 else 0.0 for k in METRICS},
-        'bwt': {k: float(bwt(_mat(k))) if T > 1 else 0.0 for k in METRICS},
-        'timing': {'feature_extraction_s': float(sum(d.extraction_s for d in data.values())),
-                   'train_s_per_task': [float(s) for s in train_s],
-                   'inference_ms_per_image': float(np.mean(infer_ms)) if infer_ms else None},
-        'params': {'shared': int(counts['shared']), 'per_task': {str(k): int(v) for k, v in counts['per_task'].items()}},
-        'history': trainer.history,
-        'thresholds': trainer.thresholds,
-        'skipped': len(skipped_files(data)),
-        'protocol': {'final_average': {k: float(final_average(_mat(k))) for k in METRICS},   # the papers' names (below)
-                     'FM': {k: float(forgetting(_mat(k))) if T > 1 else 0.0 for k in METRICS},
-                     'BWT': {k: float(bwt(_mat(k))) if T > 1 else 0.0 for k in METRICS},
-                     'ACC': {k: float(final_average(_mat(k))) for k in METRICS}},
-    }
-
-# %% ../nbs/03_continual_trainer.ipynb #3651b911
-def markdown_table(metrics: dict) -> str:
-    "The final per-class results and their mean as a markdown table."
-    cols = list(METRICS)
-    lines = ['| class | ' + ' | '.join(cols) + ' |', '|---|' + '---|' * len(cols)]
-    for c, m in metrics['final'].items(): lines.append(f'| {c} | ' + ' | '.join(f'{m[k]:.3f}' for k in cols) + ' |')
-    lines.append('| **mean** | ' + ' | '.join(f"{metrics['mean'][k]:.3f}" for k in cols) + ' |')
-    lines.append('| forgetting | ' + ' | '.join(f"{metrics['forgetting'][k]:.3f}" for k in cols) + ' |')
-    return '\n'.join(lines)
-
-# %% ../nbs/03_continual_trainer.ipynb #49363e18
-def write_figures(fig_dir: Path, metrics: dict, trainer, data: dict, maps: dict, tasks, n_images: int = 4):
-    "Anomaly-map grids per task, R-matrix heat maps and loss curves, saved as PNGs in `fig_dir`."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for t, classes in enumerate(tasks):
-        imgs, gts, ms = [], [], []
-        for c in classes:
-            masks, labels = data[c].ground_truth
-            order = torch.argsort(labels, descending=True, stable=True)[:n_images]   # anomalous images first
-            for i in order.tolist():
-                imgs.append(data[c].test_ds[i]['image']); gts.append(masks[i]); ms.append(maps[c][i])
-        plot_anomaly_grid(torch.stack(imgs), torch.stack(gts), torch.stack(ms), fig_dir/f'anomaly_maps_task{t}.png',
-                          title=f"task {t}: {'+'.join(classes)}")
-    labels = ['+'.join(c) for c in tasks]
-    for k in ('pixel_auroc', 'image_auroc', 'routing_acc'):
-        R = np.array([[np.nan if v is None else v for v in r] for r in metrics['matrix'][k]])
-        plot_result_matrix(R, labels, k, fig_dir/f'R_{k}.png')
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for t, recs in enumerate(trainer.history):
-        ax.plot([r['epoch'] for r in recs], [r.get('loss', np.nan) for r in recs], label=labels[t])
-    ax.set_xlabel('epoch'); ax.set_ylabel('loss (nats per patch)'); ax.set_title('training loss per task'); ax.legend(fontsize=7)
-    fig.tight_layout(); fig.savefig(fig_dir/'loss_curves.png', dpi=100); plt.close(fig)
-
-# %% ../nbs/03_continual_trainer.ipynb #180798c9
-def load_run(run_dir, progress: bool = True):
-    "The config, the `run.json` record and the trainer (from the last checkpoint) of a run folder."
-    run_dir = Path(run_dir)
-    ckpts = sorted((run_dir/'checkpoints').glob('task_*.pt'))
-    if not ckpts: raise RunError(f"no checkpoint in {run_dir/'checkpoints'}: is {run_dir} a moleflow run folder?")
-    saved = json.loads((run_dir/'run.json').read_text())
-    cfg = load_config(run_dir/'config.json')
-    ck = torch.load(ckpts[-1], weights_only=False)
-    return cfg, saved, ContinualTrainer(cfg, progress=progress).load_state_dict(ck['trainer'])
-
-def evaluate_run(run_dir, data_root=None, progress: bool = True, skip_bad: bool = False) -> dict:
-    "Re-evaluate a trained run from its last checkpoint; returns the final per-class metrics, their mean and the skipped files."
-    cfg, saved, trainer = load_run(run_dir, progress)
-    tasks, data_root = saved['tasks'], Path(data_root or saved['data_root'])
-    _check_tasks(data_root, tasks, saved['dataset'])
-    upto = trainer.num_tasks - 1
-    extractor = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim)
-    cache, ds_cls = FeatureCache(cfg.cache_dir), DATASETS[saved['dataset']]
-    kw = dict(resize=cfg.image_size, crop=cfg.crop_size, skip_bad=skip_bad, **(saved.get('dataset_kwargs') or {}))
-    data = {c: ClassData(c, None, ds_cls(data_root, c, split='test', **kw), cache, extractor, progress)
-            for t in tasks[:upto + 1] for c in t}
-    per_class, _, ms = evaluate_seen(trainer, data, tasks, upto, cfg)
-    skipped = skipped_files(data)
-    return {'tasks': tasks[:upto + 1], 'final': per_class,
-            'mean': {k: float(np.nanmean([per_class[c][k] for c in per_class])) for k in METRICS},
-            'inference_ms_per_image': ms, 'skipped': len(skipped),
-            'skipped_files': [[str(p), why] for p, why in skipped]}
+def __getattr__(name):
+    "The run's names, moved to `moleflow.run` (notebook 03a), for imports written before the split."
+    if name in _MOVED_TO_RUN:
+        from moleflow import run
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,8 @@ from moleflow.analysis import (GradientProbe, LayerLogdetRecorder, decide, edge_
                                train_models, evaluate_model, class_nll, mean_ci, write_results, read_results, VERDICTS)
 from moleflow.config import MoLEConfig
 from moleflow.losses import patch_nll
-from moleflow.trainer import ContinualTrainer, run_continual
+from moleflow.trainer import ContinualTrainer
+from moleflow.run import run_continual
 
 def flow_cfg(**kw):
     base = dict(feature_dim=16, num_coupling_layers=3, subnet_hidden=32, lora_rank=4, lora_alpha=4.0, epochs=2, batch_size=4)

@@ -4,8 +4,8 @@ import numpy as np, pytest, torch
 from moleflow.trainer import context_record
 from moleflow.coupling_flow import (MoLEFlow, MoLEContextSubnet, FiLMAdapter, WhiteningAdapter, InstanceNormAdapter,
                                     SpatialContextMixer, sinusoidal_pos_embed_2d)
-from flow_checks import (with_tasks, randomise, nll, train, check_reverse, check_logdet, per_patch_logdets, off_diagonal,
-                         check_task_isolation)
+from moleflow.testing import (with_tasks, randomise, nll, train, check_reverse, check_logdet, per_patch_logdets, off_diagonal,
+                              check_task_isolation)
 
 SUBNETS = [dict(subnet='mlp'), dict(subnet='context', context_mode='gate'), dict(subnet='context', context_mode='alpha')]
 IDS = ['mlp', 'context-gate', 'context-alpha']

@@ -201,11 +201,12 @@ class Counter:
 def test_cache_hit_is_identical_and_skips_extraction(tmp_path, lite0):
     ds, cache, cnt = TinySet(_images(tmp_path / 'img')), FeatureCache(tmp_path / 'c'), Counter(lite0)
     try:
-        f1 = cache.features(lite0, ds, batch_size=2, progress=False)
-        assert f1.shape == (5, 8, 8, 128) and f1.dtype == torch.float32 and cnt.n == 3 and not cache.last_info['hit']
+        f1, info = cache.features_with_info(lite0, ds, batch_size=2, progress=False)
+        assert f1.shape == (5, 8, 8, 128) and f1.dtype == torch.float32 and cnt.n == 3 and not info['hit']
         f2 = FeatureCache(tmp_path / 'c').features(lite0, ds, batch_size=2, progress=False)   # a later run
         assert cnt.n == 3 and torch.equal(f1, f2)
-        info = cache.features(lite0, ds, progress=False) is not None and cache.last_info
+        again, info = cache.features_with_info(lite0, ds, progress=False)
+        assert torch.equal(again, f1)
         assert info['hit'] and info['n'] == 5 and info['seconds'] >= 0 and Path(info['path']).is_file()
         with torch.inference_mode():
             direct = torch.cat([lite0(ds[i]['image'][None]) for i in range(5)])
@@ -221,12 +222,12 @@ def test_cache_hit_is_identical_and_skips_extraction(tmp_path, lite0):
 def test_cache_invalidation(tmp_path, lite0):
     paths = _images(tmp_path / 'img')
     ds, cache = TinySet(paths), FeatureCache(tmp_path / 'c')
-    f1 = cache.features(lite0, ds, progress=False); k1 = cache.last_info['key']
+    f1, info = cache.features_with_info(lite0, ds, progress=False); k1 = info['key']
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(paths[1])                    # one file's bytes
-    f2 = cache.features(lite0, ds, progress=False)
-    assert not cache.last_info['hit'] and cache.last_info['key'] != k1
+    f2, info = cache.features_with_info(lite0, ds, progress=False)
+    assert not info['hit'] and info['key'] != k1
     assert torch.equal(f2[0], f1[0]) and not torch.equal(f2[1], f1[1])
-    k2 = cache.last_info['key']
+    k2 = info['key']
     ds.transform_spec = {**ds.transform_spec, 'crop': 48}                               # transform
     assert cache.key(lite0, ds) != k2
     ds.transform_spec = {**ds.transform_spec, 'crop': 64}
@@ -245,10 +246,10 @@ def test_cache_location_env_and_argument(tmp_path, lite0, monkeypatch):
     assert FeatureCache().root == Path('~/.cache/moleflow').expanduser() / 'features'
     monkeypatch.setenv('MOLEFLOW_CACHE_DIR', str(tmp_path / 'env'))
     ds, cache = TinySet(_images(tmp_path / 'img', n=2)), FeatureCache()
-    cache.features(lite0, ds, progress=False)
-    assert Path(cache.last_info['path']).parent == tmp_path / 'env' / 'features'
-    arg = FeatureCache(tmp_path / 'arg'); arg.features(lite0, ds, progress=False)
-    assert Path(arg.last_info['path']).parent == tmp_path / 'arg' / 'features' and not arg.last_info['hit']
+    _, info = cache.features_with_info(lite0, ds, progress=False)
+    assert Path(info['path']).parent == tmp_path / 'env' / 'features'
+    _, info = FeatureCache(tmp_path / 'arg').features_with_info(lite0, ds, progress=False)
+    assert Path(info['path']).parent == tmp_path / 'arg' / 'features' and not info['hit']
     monkeypatch.setenv('MOLEFLOW_CACHE_DIR', str(tmp_path / 'env2'))                   # resolved at call time
     assert cache.root == tmp_path / 'env2' / 'features'
 
@@ -261,12 +262,12 @@ def test_cache_write_is_atomic(tmp_path, lite0, monkeypatch):
     with pytest.raises(OSError, match='disk full'): cache.features(lite0, ds, progress=False)
     assert list((tmp_path / 'c' / 'features').iterdir()) == []                          # no temp file, no half entry
     monkeypatch.undo()
-    f = cache.features(lite0, ds, progress=False)
+    f, info = cache.features_with_info(lite0, ds, progress=False)
     names = sorted(p.name for p in (tmp_path / 'c' / 'features').iterdir())
-    assert names == sorted([cache.last_info['key'] + '.json', cache.last_info['key'] + '.safetensors'])
-    Path(cache.last_info['path']).write_bytes(b'corrupt')                              # a damaged entry is re-extracted
-    with pytest.warns(UserWarning, match='unreadable cache entry'): g = cache.features(lite0, ds, progress=False)
-    assert not cache.last_info['hit'] and torch.equal(f, g)
+    assert names == sorted([info['key'] + '.json', info['key'] + '.safetensors'])
+    Path(info['path']).write_bytes(b'corrupt')                                         # a damaged entry is re-extracted
+    with pytest.warns(UserWarning, match='unreadable cache entry'): g, info = cache.features_with_info(lite0, ds, progress=False)
+    assert not info['hit'] and torch.equal(f, g)
     assert not [p for p in (tmp_path / 'c' / 'features').iterdir() if p.name.endswith('.tmp')]
 
 def test_cache_on_real_mvtec(mvtec_subset, lite0, tmp_path):
@@ -277,7 +278,8 @@ def test_cache_on_real_mvtec(mvtec_subset, lite0, tmp_path):
         f = cache.features(lite0, ds, batch_size=2, progress=False)
         assert f.shape == (len(ds), 28, 28, 128) and torch.isfinite(f).all()
         n = cnt.n
-        assert torch.equal(cache.features(lite0, ds, progress=False), f) and cnt.n == n and cache.last_info['hit']
+        again, info = cache.features_with_info(lite0, ds, progress=False)
+        assert torch.equal(again, f) and cnt.n == n and info['hit']
     finally: cnt.h.remove()
 
 def test_task_dataset_features_follow_dataset_order(generated_root, lite0, tmp_path):
@@ -287,6 +289,6 @@ def test_task_dataset_features_follow_dataset_order(generated_root, lite0, tmp_p
     task = data.TaskDataset(parts)
     cache = FeatureCache(tmp_path / 'c')
     per_class = [cache.features(lite0, p, batch_size=3, progress=False) for p in parts]
-    union = cache.features(lite0, task, batch_size=5, progress=False)
-    assert union.shape == (len(task), 8, 8, 128) and not cache.last_info['hit']
+    union, info = cache.features_with_info(lite0, task, batch_size=5, progress=False)
+    assert union.shape == (len(task), 8, 8, 128) and not info['hit']
     assert torch.allclose(union, torch.cat(per_class), rtol=2e-3, atol=1e-3)   # batch composition moves CPU conv by ~1e-5

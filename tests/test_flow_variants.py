@@ -5,7 +5,7 @@ from moleflow.lora import LoRALinear
 from moleflow.coupling_flow import MoLEFlow
 from moleflow.flow_variants import (VariantFlow, SpatialLoRALinear, CrossPatchSubnet, NeighbourContext, PatchAttention,
                                     DIAFlow, grid_weights, bilinear_weights)
-from flow_checks import with_tasks, randomise, nll, check_reverse, check_logdet, per_patch_logdets, off_diagonal, check_task_isolation
+from moleflow.testing import with_tasks, randomise, nll, check_reverse, check_logdet, per_patch_logdets, off_diagonal, check_task_isolation
 
 COMBOS = {
     'cpcf-learned': dict(subnet='cross_patch'),

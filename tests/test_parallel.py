@@ -3,7 +3,7 @@ import importlib.util, json, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from moleflow.config import make_config
-from moleflow.trainer import run_continual, RunError
+from moleflow.run import run_continual, RunError
 from moleflow.parallel import run_parallel
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('distributed') is None, reason="the [cluster] extra (Dask) is not installed")

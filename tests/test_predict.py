@@ -5,8 +5,7 @@ import numpy as np, pytest, torch
 from PIL import Image
 from moleflow.config import make_config, MoLEConfig
 from moleflow.evaluation import image_auroc
-from moleflow.trainer import run_continual, load_run, ClassData, score_features, DATASETS
-from moleflow.features import get_backbone, FeatureCache
+from moleflow.run import run_continual, load_run, open_classes, score_features
 
 TASKS = [['fabric'], ['screw']]
 
@@ -39,10 +38,8 @@ def fast_run(generated_root, tmp_path_factory):
 def _eval_scores(run, root):
     "Per-class image scores exactly as evaluation computes them (cached test features, routed, `score_features`)."
     cfg, _, trainer = load_run(run, progress=False)
-    ext, cache = get_backbone(cfg.backbone, weights=cfg.backbone_weights, feature_dim=cfg.feature_dim), FeatureCache(cfg.cache_dir)
     out = {}
-    for c in ('fabric', 'screw'):
-        d = ClassData(c, None, DATASETS['mvtec'](root, c, split='test', resize=cfg.image_size, crop=cfg.crop_size), cache, ext, False)
+    for c, d in open_classes(cfg, root, ['fabric', 'screw'], train=False).items():
         _, scores = score_features(trainer, d.test_features, trainer.route(d.test_features), cfg)
         out[c] = dict(zip([str(s.path) for s in d.test_ds.samples], scores.tolist()))
     return out

@@ -2,7 +2,8 @@
 import json
 import pytest, torch
 from moleflow.config import PRESETS, VERSIONS, ABLATIONS, MoLEConfig, make_config, parse_overrides, load_config, save_config
-from moleflow.trainer import run_continual, build_flow, ContinualTrainer
+from moleflow.trainer import build_flow, ContinualTrainer
+from moleflow.run import run_continual
 from moleflow.flow_variants import VariantFlow
 
 TASKS = [['fabric'], ['screw']]

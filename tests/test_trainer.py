@@ -3,14 +3,10 @@ import json, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from moleflow.config import MoLEConfig
-from moleflow.trainer import run_continual, RunError, ContinualTrainer
+from moleflow.trainer import ContinualTrainer
+from moleflow.run import run_continual, RunError
 
-def tiny_cfg(cache_dir, **kw):
-    "Random-weight ResNet-18 features on 64-pixel images: fast, and enough to test the mechanics."
-    base = dict(backbone='resnet18', backbone_weights=None, feature_dim=32, image_size=64, crop_size=64,
-                num_coupling_layers=2, subnet_hidden=32, lora_rank=4, lora_alpha=4.0, epochs=2, batch_size=4,
-                cache_dir=cache_dir)
-    return MoLEConfig(**{**base, **kw})
+from moleflow.testing import image_config as tiny_cfg   # random-weight ResNet-18 on 64-pixel images
 
 TASKS = [['fabric'], ['wood'], ['screw']]
 
