@@ -41,7 +41,7 @@ def atomic_torch_save(path, obj) -> Path:
     import torch                     # only the writer of torch files needs torch
     return atomic_write(path, lambda p: torch.save(obj, p))
 
-# %% ../nbs/08c_files.ipynb #8c76521c
+# %% ../nbs/08c_files.ipynb #02ba30ac
 @contextmanager
 def file_lock(path):
     "Hold an exclusive advisory lock on the file `path` (created if missing) for the `with` block; other holders wait (POSIX `flock`)."
