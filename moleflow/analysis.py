@@ -19,8 +19,6 @@ from .features import FeatureCache
 from .losses import patch_nll, tail_k
 from .trainer import ContinualTrainer
 from .run import ClassData, DATASETS, evaluate_seen, open_classes
-try: import fcntl
-except ImportError: fcntl = None   # not POSIX: no file lock
 
 # %% auto #0
 __all__ = ['VERDICTS', 'VARIANTS', 'as_list', 'bootstrap_ci', 'mean_ci', 'bootstrap_sums', 'gini', 'effective_number',
@@ -404,24 +402,14 @@ def analysis_dir(*parts) -> Path:
     "Default home of analysis outputs and tiny data: `<tempdir>/moleflow_analysis/...` (never inside the repo)."
     return Path(tempfile.gettempdir()).joinpath('moleflow_analysis', *parts)
 
-@contextlib.contextmanager
-def _file_lock(path:Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'w') as fh:
-        if fcntl is not None: fcntl.flock(fh, fcntl.LOCK_EX)
-        try: yield
-        finally:
-            if fcntl is not None: fcntl.flock(fh, fcntl.LOCK_UN)
-
 def tiny_data(classes=('fabric', 'screw'), n_train:int=8, n_test_good:int=2, n_test_defect:int=4, image_size:int=128,
               seed:int=0, root=None) -> Path:
     "The generated default data set at a tiny size, drawn once per setting (safe when several notebooks ask at once)."
     settings = dict(classes=list(classes), n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect,
                     image_size=image_size, seed=seed)
     out = Path(root) if root is not None else analysis_dir('data', hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:10])
-    with _file_lock(out.parent / f'.{out.name}.lock'):
-        return generate_default_dataset(out, seed=seed, n_train=n_train, n_test_good=n_test_good,
-                                        n_test_defect=n_test_defect, image_size=image_size, classes=list(classes))
+    return generate_default_dataset(out, seed=seed, n_train=n_train, n_test_good=n_test_good,
+                                    n_test_defect=n_test_defect, image_size=image_size, classes=list(classes))
 
 # %% ../nbs/09b_analysis.ipynb #1d714680
 @dataclass

@@ -4,9 +4,11 @@
 
 # %% ../nbs/08c_files.ipynb #59374d60
 from __future__ import annotations
-import fcntl, os, tempfile
+import os, tempfile
 from contextlib import contextmanager
 from pathlib import Path
+try: import fcntl
+except ImportError: fcntl = None   # not POSIX (Windows): `file_lock` does not lock
 
 # %% auto #0
 __all__ = ['atomic_write', 'atomic_write_text', 'atomic_write_bytes', 'atomic_torch_save', 'file_lock']
@@ -44,10 +46,11 @@ def atomic_torch_save(path, obj) -> Path:
 # %% ../nbs/08c_files.ipynb #02ba30ac
 @contextmanager
 def file_lock(path):
-    "Hold an exclusive advisory lock on the file `path` (created if missing) for the `with` block; other holders wait (POSIX `flock`)."
+    "Hold an exclusive advisory lock on the file `path` (created if missing) for the `with` block; other holders wait (POSIX `flock`). Not re-entrant: a holder that takes it again waits for itself."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, 'a') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        if fcntl is not None: fcntl.flock(f, fcntl.LOCK_EX)
         try: yield path
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+        finally:
+            if fcntl is not None: fcntl.flock(f, fcntl.LOCK_UN)
