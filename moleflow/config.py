@@ -69,7 +69,7 @@ class MoLEConfig:
     crop_size: int = 224            # ... then centre-cropped to this one
     backbone: str = 'efficientnet_lite0'   # a registry name or any timm model name
     backbone_weights: str | None = 'default'  # 'default' (packaged/pretrained), a checkpoint path, or None (random, tests only)
-    feature_dim: int = 128          # D of the patch features fed to the flow
+    feature_dim: int = 152          # D of the patch features fed to the flow (152: every EfficientNet-Lite0 channel)
     cache_dir: str | None = None    # feature cache; None: $MOLEFLOW_CACHE_DIR or ~/.cache/moleflow
     # the flow
     num_coupling_layers: int = 8

@@ -20,8 +20,8 @@ from .run import ClassData, open_classes as open_run_classes
 __all__ = ['SEQUENCES', 'METRIC_KEYS', 'AGGREGATIONS_COMPARED', 'ARMS', 'FEATURE_KEYS', 'ALONE', 'nn_distance_maps', 'sequence',
            'data_roots', 'open_classes', 'class_metrics', 'score_maps', 'code_version', 'run_record', 'run_path',
            'reference_record', 'run_study', 'load_study', 'class_results', 'fmt', 'to_markdown', 'gap_table',
-           'decomposition', 'results_table', 'compare_arms', 'parse_arm', 'main', 'plot_curves', 'scoring_table',
-           'defect_table', 'worst_images', 'plot_maps_side_by_side']
+           'decomposition', 'results_table', 'compare_arms', 'base_arm', 'parse_arm', 'main', 'plot_curves',
+           'scoring_table', 'defect_table', 'worst_images', 'plot_maps_side_by_side']
 
 # %% ../nbs/09d_accuracy.ipynb #2c517a32
 def nn_distance_maps(bank:torch.Tensor, test:torch.Tensor, max_bank:int|None=None, seed:int=0, chunk:int=2048) -> torch.Tensor:
@@ -316,6 +316,19 @@ def compare_arms(runs:list[dict], arm:str, base:str='main', metrics=('pixel_auro
                   'classes_worse': worse, 'better': bool(mean > 0 and not worse)}
     return out
 
+# %% ../nbs/09d_accuracy.ipynb #b4a5e002
+def _settings(config:dict) -> dict:
+    "A run's config over the current fields (one added since takes its default, one removed since is dropped), without `seed` and `cache_dir`."
+    return {k: config.get(k, v) for k, v in asdict(MoLEConfig()).items() if k not in ('seed', 'cache_dir')}
+
+def base_arm(runs:list[dict], arm:str) -> str|None:
+    "The arm whose settings equal `arm`'s with its overridden fields at `main`'s values: what its overrides changed; None if not run."
+    main_cfg, by_arm = asdict(make_config('main')), {}
+    for r in runs: by_arm.setdefault(r['arm'], (_settings(r['config']), r.get('overrides', {})))
+    mine, over = by_arm[arm]
+    want = {**mine, **{k: main_cfg[k] for k in over}}
+    return next((a for a, (s, _) in by_arm.items() if a != arm and s == want), None)
+
 # %% ../nbs/09d_accuracy.ipynb #9059df39
 def parse_arm(text:str) -> tuple[str, dict]:
     "`NAME` (a key of `ARMS`) or `NAME:key=value,key=value` (overrides on `main`) -> `(name, overrides)`."
@@ -341,9 +354,11 @@ def main(argv=None):
     p.add_argument('--shared', help='the shared data folder (default: ../shared/data beside the repository)')
     p.add_argument('--rerun-stale', action='store_true', help='re-run finished runs made by other code')
     p.add_argument('--skip-reference', action='store_true', help='leave the nearest-neighbour reference to another invocation')
+    p.add_argument('--reference-only', action='store_true', help="only the reference of the sequences' classes, on the first arm's features")
     a = p.parse_args(argv)
+    if a.skip_reference and a.reference_only: p.error('--skip-reference and --reference-only exclude each other')
     arms = dict(parse_arm(x) for x in a.arms)
-    files = run_study(a.out, arms, a.sequences, a.seeds, data_roots(a.shared), a.eval_every, a.max_bank, a.rerun_stale,
+    files = run_study(a.out, arms, a.sequences, [] if a.reference_only else a.seeds, data_roots(a.shared), a.eval_every, a.max_bank, a.rerun_stale,
                       reference=not a.skip_reference)
     print(f"{len(files)} runs in {a.out}")
 

@@ -32,7 +32,7 @@ class BackboneDef:
     create_kwargs: tuple = ()         # extra timm.create_model kwargs, as (key, value) pairs
 
 BACKBONES = MappingProxyType({
-    'efficientnet_lite0': BackboneDef('tf_efficientnet_lite0', 'cnn', (2, 3), 128, 3),
+    'efficientnet_lite0': BackboneDef('tf_efficientnet_lite0', 'cnn', (2, 3), None, 3),
     'wide_resnet50_2': BackboneDef('wide_resnet50_2.tv_in1k', 'cnn', (2, 3), 768, 3),
     'vit_base_patch16_224': BackboneDef('vit_base_patch16_224.augreg2_in21k_ft_in1k', 'vit', (1, 3, 5, 11), 768, 1,
                                         (('dynamic_img_size', True),)),

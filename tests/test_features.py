@@ -87,12 +87,12 @@ def test_hazelnut_lands_on_nut_like_class(mvtec_subset, lite0):
 def test_lite0_patch_features_shape(lite0):
     assert list_backbones() == ['efficientnet_lite0', 'vit_base_patch16_224', 'wide_resnet50_2']
     with torch.inference_mode(): f = lite0(torch.randn(2, 3, 224, 224))
-    assert f.shape == (2, 28, 28, 128) and f.dtype == torch.float32
-    assert (lite0.feature_dim, lite0.stride, lite0.channels) == (128, 8, [40, 112])
+    assert f.shape == (2, 28, 28, 152) and f.dtype == torch.float32
+    assert (lite0.feature_dim, lite0.stride, lite0.channels) == (152, 8, [40, 112])
     assert not lite0.training and not any(p.requires_grad for p in lite0.parameters())
     s = lite0.spec
     assert (s['name'], s['timm_name'], s['layers'], s['feature_dim'], s['neighbourhood']) == \
-        ('efficientnet_lite0', 'tf_efficientnet_lite0', [2, 3], 128, 3)
+        ('efficientnet_lite0', 'tf_efficientnet_lite0', [2, 3], 152, 3)
     json.dumps(s)                                    # serialisable, for manifests
     with torch.inference_mode(): assert get_backbone(feature_dim=64)(torch.randn(1, 3, 224, 224)).shape == (1, 28, 28, 64)
 
@@ -202,7 +202,7 @@ def test_cache_hit_is_identical_and_skips_extraction(tmp_path, lite0):
     ds, cache, cnt = TinySet(_images(tmp_path / 'img')), FeatureCache(tmp_path / 'c'), Counter(lite0)
     try:
         f1, info = cache.features_with_info(lite0, ds, batch_size=2, progress=False)
-        assert f1.shape == (5, 8, 8, 128) and f1.dtype == torch.float32 and cnt.n == 3 and not info['hit']
+        assert f1.shape == (5, 8, 8, 152) and f1.dtype == torch.float32 and cnt.n == 3 and not info['hit']
         f2 = FeatureCache(tmp_path / 'c').features(lite0, ds, batch_size=2, progress=False)   # a later run
         assert cnt.n == 3 and torch.equal(f1, f2)
         again, info = cache.features_with_info(lite0, ds, progress=False)
@@ -212,7 +212,7 @@ def test_cache_hit_is_identical_and_skips_extraction(tmp_path, lite0):
             direct = torch.cat([lite0(ds[i]['image'][None]) for i in range(5)])
         assert torch.allclose(f1, direct, rtol=1e-3, atol=1e-4)                       # dataset order, float16-rounded
         man = json.loads(Path(info['path']).with_suffix('.json').read_text())
-        assert man['key'] == info['key'] and man['shape'] == [5, 8, 8, 128] and man['stored_dtype'] == 'float16'
+        assert man['key'] == info['key'] and man['shape'] == [5, 8, 8, 152] and man['stored_dtype'] == 'float16'
         assert load_file(info['path'])['features'].dtype == torch.float16
         n = cnt.n
         f32 = FeatureCache(tmp_path / 'c', store_dtype='float32').features(lite0, ds, progress=False)   # another key
@@ -276,7 +276,7 @@ def test_cache_on_real_mvtec(mvtec_subset, lite0, tmp_path):
     cache, cnt = FeatureCache(tmp_path / 'c'), Counter(lite0)
     try:
         f = cache.features(lite0, ds, batch_size=2, progress=False)
-        assert f.shape == (len(ds), 28, 28, 128) and torch.isfinite(f).all()
+        assert f.shape == (len(ds), 28, 28, 152) and torch.isfinite(f).all()
         n = cnt.n
         again, info = cache.features_with_info(lite0, ds, progress=False)
         assert torch.equal(again, f) and cnt.n == n and info['hit']
@@ -290,5 +290,5 @@ def test_task_dataset_features_follow_dataset_order(generated_root, lite0, tmp_p
     cache = FeatureCache(tmp_path / 'c')
     per_class = [cache.features(lite0, p, batch_size=3, progress=False) for p in parts]
     union, info = cache.features_with_info(lite0, task, batch_size=5, progress=False)
-    assert union.shape == (len(task), 8, 8, 128) and not info['hit']
+    assert union.shape == (len(task), 8, 8, 152) and not info['hit']
     assert torch.allclose(union, torch.cat(per_class), rtol=2e-3, atol=1e-3)   # batch composition moves CPU conv by ~1e-5
