@@ -309,24 +309,17 @@ class MoLEFlow(nn.Module):
         if self.adapter_kind == 'instance_norm': return InstanceNormAdapter(self.dim)
         return None
 
-    def needs_channel_stats(self, task:int) -> bool:
-        "Whether task `task`'s adapter standardises per channel, so `add_task` needs the task's training features."
-        return self.adapter_kind == 'film' and task != 0 and self.expert_adapter_norm != 'patch'
-
     def add_task(self, task:int, features:torch.Tensor|None=None):
-        "Add `task`: a fresh expert in every LoRALinear (none with lora=False, nor for task 0 with task0_expert=False) and its adapter; `features (N, H, W, D)`, the task's training features, give an adapter that standardises per channel its statistics."
+        "Add `task`: a fresh expert in every LoRALinear (none with lora=False, nor for task 0 with task0_expert=False) and its adapter; `features (N, H, W, D)`, the task's training features, set the statistics of an adapter that standardises per channel (no other adapter reads them)."
         _check_task(task)
         if task in self._tasks: raise ValueError(f"task {task} was already added")
-        if features is not None and not self.needs_channel_stats(task):
-            raise ValueError(f"add_task: task {task}'s adapter keeps no channel statistics (adapter={self.adapter_kind!r}, "
-                             f"expert_adapter_norm={self.expert_adapter_norm!r}); pass no features")
         ref = self.blocks[0].global_scale
         gen = torch.Generator().manual_seed(_derive_seed(self.seed, 2, task))
         if self.lora and (task != 0 or self.task0_expert):
             for m in self.lora_layers(): m.add_task(task, generator=gen)
         with _seeded(_derive_seed(self.seed, 3, task)):
             ad = self._make_adapter(task)
-        if features is not None: ad.fit_channel_stats(features)
+        if features is not None and isinstance(ad, FiLMAdapter) and ad.norm_kind != 'patch': ad.fit_channel_stats(features)
         if ad is not None: self.adapters[str(task)] = ad.to(ref)
         self._tasks.append(task)
 

@@ -127,7 +127,7 @@ def _save_maps(path:Path, maps:dict):
 def _adapter_log_scale(flow, task:int) -> float|None:
     "Mean log-scale per channel of the task's adapter (negative: it shrinks the flow's input); None without an adapter."
     ad = flow.adapters[str(task)] if str(task) in flow.adapters else None
-    return None if ad is None else float(ad.log_scale()) / flow.dim
+    return None if ad is None else float(ad.log_scale().detach()) / flow.dim
 
 def run_record(cfg:MoLEConfig, refs, roots:dict, eval_every:int=5, progress:bool=False, extractor=None, cache=None,
                maps_out=None) -> dict:

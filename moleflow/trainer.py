@@ -105,7 +105,7 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
     if feats.ndim != 4 or feats.shape[-1] != cfg.feature_dim:
         raise ValueError(f"feats must be (N, H, W, {cfg.feature_dim}), got {tuple(feats.shape)}")
     if len(feats) == 0: raise ValueError(f"task {t} ({task_name}) has no training features")
-    self.flow.add_task(t, feats if self.flow.needs_channel_stats(t) else None)   # an adapter standardising per channel fits on the task's features
+    self.flow.add_task(t, feats)   # an adapter standardising per channel fits its statistics on the task's features
     self.num_tasks += 1
     if t > 0: self.flow.freeze_shared()
     params = self._train_params(t)
