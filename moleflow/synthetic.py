@@ -27,6 +27,11 @@ def _to_local(x, y, cx, cy, angle):
     dx, dy = x - cx, y - cy
     return c * dx + s * dy, -s * dx + c * dy
 
+def _rotated_frame(p, S):
+    "A texture's own generator (from `p['seed']`), its scale k, the pixel coordinates and those rotated by `p['angle']` about the centre."
+    rng, (x, y) = np.random.default_rng(p['seed']), _coords(S)
+    return rng, S / 256, x, y, *_to_local(x, y, S / 2, S / 2, p['angle'])
+
 def _noise(rng, S, scale, aspect=1.0):
     "Smooth Gaussian noise of unit std; correlation length `scale` px along y and `scale*aspect` along x."
     h, w = max(2, int(S / scale) + 3), max(2, int(S / (scale * aspect)) + 3)
@@ -114,9 +119,7 @@ def _fabric_params(rng, S):
 
 def _fabric(p, S):
     "A plain weave: warp and weft threads passing over and under each other."
-    rng = np.random.default_rng(p['seed']); k = S / 256
-    x, y = _coords(S)
-    u, v = _to_local(x, y, S / 2, S / 2, p['angle'])
+    rng, k, x, y, u, v = _rotated_frame(p, S)
     uu = (u + p['phase'][0] + 1.2 * k * _noise(rng, S, 40 * k)) / p['period']
     vv = (v + p['phase'][1] + 1.2 * k * _noise(rng, S, 40 * k)) / p['period']
     i, j = np.floor(uu), np.floor(vv); fu, fv = uu - i, vv - j
@@ -184,9 +187,7 @@ def _wood_params(rng, S):
 
 def _wood(p, S):
     "Flat-sawn wood: warped growth rings with fine pores along the grain."
-    rng = np.random.default_rng(p['seed']); k = S / 256
-    x, y = _coords(S)
-    u, v = _to_local(x, y, S / 2, S / 2, p['angle'])
+    rng, k, x, y, u, v = _rotated_frame(p, S)
     warp = 15 * k * _field(rng, S, 200 * k, 90 * k, u, v) + 2.5 * k * _field(rng, S, 40 * k, 12 * k, u, v)
     ring = (v + warp) / p['period'] + p['phase']
     g = (0.5 + 0.5 * np.sin(2 * math.pi * ring)) ** 2.5
@@ -249,9 +250,7 @@ def _metal_params(rng, S):
 
 def _metal(p, S):
     "Brushed steel: long streaks along the brushing direction and a broad sheen."
-    rng = np.random.default_rng(p['seed']); k = S / 256
-    x, y = _coords(S)
-    u, v = _to_local(x, y, S / 2, S / 2, p['angle'])
+    rng, k, x, y, u, v = _rotated_frame(p, S)
     streaks = 0.6 * _field(rng, S, 80 * k, 0.8 * k, u, v) + 0.4 * _field(rng, S, 25 * k, 2.5 * k, u, v)
     sheen = 0.07 * np.sin(2 * math.pi * (0.6 * u + v) / (1.8 * S) + p['band'])
     g = p['grey'] + 0.045 * streaks + sheen + 0.012 * rng.standard_normal((S, S)).astype(np.float32)
