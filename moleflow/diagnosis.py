@@ -276,6 +276,11 @@ def gap_table(runs:list[dict], refs:dict, arm:str='main', metrics=('pixel_auroc'
 def decomposition(runs:list[dict], refs:dict, arm:str='main', metric:str='pixel_auroc') -> tuple[list[str], list[list]]:
     "Per class: reference, alone (task 0), in sequence (true expert), routed; and the parts (a) flow vs NN, (b) continual, (c) router."
     alone, oracle, routed = (class_results(runs, arm, w, alone=a) for w, a in (('oracle', True), ('oracle', False), ('routed', False)))
+    tasks = {}
+    for r in runs:
+        if r['arm'] == arm and not r['sequence_name'].startswith('alone/'):
+            for cls, c in r['classes'].items(): tasks.setdefault(cls, set()).add(c['task'])
+    alone.update({cls: oracle[cls] for cls, ts in tasks.items() if ts == {0} and cls not in alone})   # task 0 of its sequence: it is its own alone run
     rows = []
     for cls in routed:
         ref = refs.get(cls, {}).get(metric, math.nan)
