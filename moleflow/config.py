@@ -89,6 +89,7 @@ class MoLEConfig:
     lora_alpha: float = 16.0
     lora_scaling: str = 'alpha/rank'
     lora_task_bias: bool = True
+    expert_rank: int = 0            # > 0: the LoRA rank of the experts of tasks after the first (task 0 keeps lora_rank), scaled by lora_alpha/lora_rank as well
     task0_expert: bool = True       # False: the v1 behaviour, task 0 trains the base flow only
     # design variants (notebook 01a)
     cross_patch_context: str = 'learned'  # subnet_type='cross_patch': 'learned' extractor and gate (v4), 'fixed' k x k neighbour mean (v4.1), 'none'
@@ -174,7 +175,8 @@ class MoLEConfig:
             raise ValueError(f"config field 'tail_top_k_ratio' must be in (0, 1], got {self.tail_top_k_ratio}")
         for name in ('lr', 'lora_alpha', 'clamp', 'expert_lr_factor'):
             if getattr(self, name) <= 0: raise ValueError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
-        if self.expert_min_steps < 0: raise ValueError(f"config field 'expert_min_steps' must be >= 0, got {self.expert_min_steps}")
+        for name in ('expert_min_steps', 'expert_rank'):
+            if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         for name in ('train_noise', 'logdet_reg', 'focal_gamma', 'center_loss_weight', 'weight_decay', 'warmup_epochs', 'grad_clip', 'blur_sigma'):
             if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.slow_stage_fraction < 1:

@@ -242,7 +242,7 @@ class MoLEFlow(nn.Module):
                  context_kernel:int=3, context_init_scale:float=0.1, context_max_alpha:float=0.2, clamp:float=1.9,
                  adapter:str='film', pos_embed:bool=True, spatial_mixer:bool=False, task0_expert:bool=True,
                  seed:int=0, global_affine_type:str='SOFTPLUS', lora:bool=True, adapter_logdet:bool=False,
-                 expert_adapter_norm:str='patch'):
+                 expert_adapter_norm:str='patch', expert_rank:int|None=None):
         super().__init__()
         if _check_pos_int('dim', dim) < 2: raise ValueError(f"dim must be an int >= 2, got {dim}")
         _check_pos_int('n_blocks', n_blocks); _check_pos_int('hidden', hidden)
@@ -260,6 +260,8 @@ class MoLEFlow(nn.Module):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         _check_lora_args(rank, alpha, lora_scaling, 'lora_scaling')
+        if expert_rank is not None: _check_pos_int('expert_rank', expert_rank)
+        self.expert_rank = expert_rank   # the rank of every task after the first (None: rank); the scaling stays alpha/rank
         self.dim, self.seed, self.adapter_kind, self.task0_expert = dim, seed, adapter, task0_expert
         self.subnet_kind, self.use_pos_embed, self.lora, self.clamp = subnet, pos_embed, lora, float(clamp)
         self.adapter_logdet, self.expert_adapter_norm = adapter_logdet, expert_adapter_norm
@@ -285,7 +287,7 @@ class MoLEFlow(nn.Module):
                   context_kernel=c.context_kernel, context_init_scale=c.context_init_scale,
                   context_max_alpha=c.context_max_alpha, clamp=c.clamp, adapter=c.adapter, pos_embed=c.pos_embed,
                   spatial_mixer=c.spatial_mixer, task0_expert=c.task0_expert, seed=c.seed, lora=not c.no_lora,
-                  adapter_logdet=c.adapter_logdet, expert_adapter_norm=c.expert_adapter_norm)
+                  adapter_logdet=c.adapter_logdet, expert_adapter_norm=c.expert_adapter_norm, expert_rank=c.expert_rank or None)
         if not (c.subnet_type == 'cross_patch' or c.lora_grid or c.patch_attention or c.dia_blocks): return cls(c.feature_dim, **kw)
         from moleflow.flow_variants import VariantFlow     # notebook 01a builds on this one, so it is imported when it is asked for
         return VariantFlow(c.feature_dim, **kw, cross_patch_context=c.cross_patch_context, cross_patch_gate=c.cross_patch_gate,
@@ -316,7 +318,7 @@ class MoLEFlow(nn.Module):
         ref = self.blocks[0].global_scale
         gen = torch.Generator().manual_seed(_derive_seed(self.seed, 2, task))
         if self.lora and (task != 0 or self.task0_expert):
-            for m in self.lora_layers(): m.add_task(task, generator=gen)
+            for m in self.lora_layers(): m.add_task(task, generator=gen, rank=self.expert_rank if task else None)
         with _seeded(_derive_seed(self.seed, 3, task)):
             ad = self._make_adapter(task)
         if features is not None and isinstance(ad, FiLMAdapter) and ad.norm_kind != 'patch': ad.fit_channel_stats(features)

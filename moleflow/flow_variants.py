@@ -43,19 +43,19 @@ class SpatialLoRALinear(LoRALinear):
         super().__init__(in_features, out_features, rank, alpha, scaling, task_bias)
         self.grid = _check_pos_int('grid', grid)
 
-    def _new_expert(self, generator:torch.Generator|None) -> tuple[torch.Tensor, torch.Tensor]:
-        "A fresh grid of experts on the CPU: every node's A Kaiming-uniform, every B zero (so the output is the base)."
+    def _new_expert(self, generator:torch.Generator|None, rank:int) -> tuple[torch.Tensor, torch.Tensor]:
+        "A fresh grid of experts of rank `rank` on the CPU: every node's A Kaiming-uniform, every B zero (so the output is the base)."
         G2 = self.grid ** 2
-        A = torch.empty(G2, self.rank, self.in_features)
+        A = torch.empty(G2, rank, self.in_features)
         for k in range(G2): nn.init.kaiming_uniform_(A[k], a=math.sqrt(5), generator=generator)
-        return A, torch.zeros(G2, self.out_features, self.rank)
+        return A, torch.zeros(G2, self.out_features, rank)
 
     def _add_expert(self, y:torch.Tensor, x2:torch.Tensor, k:str, spatial:tuple|None) -> torch.Tensor:
         "Accumulate B(p) A(p) x of every row into `y` (in place); rows `x2` (B*H*W, in) are laid out as `spatial` = (B, H, W)."
         if spatial is None or len(spatial) != 3 or x2.shape[0] != math.prod(spatial):
             raise ValueError(f"spatial must be (B, H, W) with B*H*W = {x2.shape[0]} rows, got {spatial}")
         B_, H, W = spatial
-        G2, r = self.grid ** 2, self.rank
+        G2, r = self.grid ** 2, self.lora_A[k].shape[1]   # this expert's rank
         w = _bilinear_on(H, W, self.grid, x2.device, x2.dtype)                        # (H*W, G*G), once per grid shape
         a = (x2 @ self.lora_A[k].reshape(G2 * r, -1).t()).view(B_, H * W, G2, r)      # every node's A x
         a = torch.einsum('pk,bpkr->bpr', w, a)                                       # A(p) x

@@ -46,21 +46,21 @@ class LoRALinear(nn.Module):
     @property
     def tasks(self) -> list[int]: return sorted(int(k) for k in self.lora_A.keys())
 
-    def add_task(self, task:int, generator:torch.Generator|None=None):
-        "Add a fresh expert for `task`: A Kaiming-uniform, B and bias zero (so the output equals the base)."
+    def add_task(self, task:int, generator:torch.Generator|None=None, rank:int|None=None):
+        "Add a fresh expert for `task` of rank `rank` (None: the layer's): A Kaiming-uniform, B and bias zero (so the output equals the base)."
         _check_task(task)
         if str(task) in self.lora_A: raise ValueError(f"task {task} already has an expert")
         w = self.base.weight
-        A, B = self._new_expert(generator)
+        A, B = self._new_expert(generator, self.rank if rank is None else _check_pos_int('rank', rank))
         self.lora_A[str(task)], self.lora_B[str(task)] = nn.Parameter(A.to(w)), nn.Parameter(B.to(w))
         if self.task_bias:
             self.bias[str(task)] = nn.Parameter(torch.zeros(self.out_features, device=w.device, dtype=w.dtype))
 
-    def _new_expert(self, generator:torch.Generator|None) -> tuple[torch.Tensor, torch.Tensor]:
-        "A fresh expert's (A, B), made on the CPU so a CPU `generator` seeds it on any device: A Kaiming-uniform, B zero."
-        A = torch.empty(self.rank, self.in_features)
+    def _new_expert(self, generator:torch.Generator|None, rank:int) -> tuple[torch.Tensor, torch.Tensor]:
+        "A fresh expert's (A, B) of rank `rank`, made on the CPU so a CPU `generator` seeds it on any device: A Kaiming-uniform, B zero."
+        A = torch.empty(rank, self.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        return A, torch.zeros(self.out_features, self.rank)
+        return A, torch.zeros(self.out_features, rank)
 
     def forward(self, x:torch.Tensor, task:int|None=None, spatial:tuple|None=None) -> torch.Tensor:
         "Base output plus the expert of `task` (None, or a task without expert: base only); `spatial` is the rows' layout (unused here)."

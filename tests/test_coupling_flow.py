@@ -40,8 +40,9 @@ def test_logdet_matches_bruteforce_jacobian(kw):
 
 @pytest.mark.parametrize('cfg', [dict(subnet='context', adapter='whitening'),
                                  dict(subnet='context', context_mode='alpha', adapter='film', spatial_mixer=True),
-                                 dict(subnet='mlp', adapter='instance_norm', task0_expert=False, lora_scaling='alpha/(2*rank)')],
-                         ids=['v3-gate', 'alpha-film-mixer', 'v1'])
+                                 dict(subnet='mlp', adapter='instance_norm', task0_expert=False, lora_scaling='alpha/(2*rank)'),
+                                 dict(subnet='context', adapter='film', expert_adapter_norm='mix', expert_rank=6)],
+                         ids=['v3-gate', 'alpha-film-mixer', 'v1', 'mix-expert-rank'])
 def test_training_task_t_leaves_earlier_tasks_bit_identical(cfg):
     torch.manual_seed(0)
     f = with_tasks(tiny(**cfg), 0)

@@ -11,6 +11,7 @@ COMBOS = {
     'cpcf-learned': dict(subnet='cross_patch'),
     'cpcf-fixed': dict(subnet='cross_patch', cross_patch_context='fixed'),
     'v4': dict(subnet='cross_patch', lora_grid=4),
+    'v4-expert-rank': dict(subnet='cross_patch', lora_grid=2, expert_rank=3),
     'v4.1-dia': dict(subnet='cross_patch', cross_patch_context='fixed', lora_grid=2, dia_blocks=2, dia_hidden=8),
     'sclora-only': dict(subnet='cross_patch', cross_patch_context='none', lora_grid=3),
     'v6': dict(subnet='cross_patch', cross_patch_context='fixed', lora_grid=2, patch_attention=True, attention_hidden=8),

@@ -125,3 +125,16 @@ def test_a_trained_model_beats_its_untrained_initialisation(generated_root, cach
     (auc0, ap0), (auc1, ap1) = (_pixel_metrics_of(m, te_f, masks, labels, cfg) for m in (untrained, trained))
     assert auc1 > auc0 + 0.06 and auc1 > 0.95, (auc0, auc1)
     assert ap1 > 2 * ap0 and ap1 > 0.4, (ap0, ap1)
+
+
+def test_a_trainer_with_larger_later_experts_saves_and_loads():
+    "expert_rank: task 1's experts have their own rank; the state dict loads into a fresh trainer and scores the same."
+    from moleflow.testing import tiny_config, toy_feats
+    cfg = tiny_config(epochs=1, batch_size=4, expert_rank=5, expert_adapter_norm='mix')
+    tr = ContinualTrainer(cfg, progress=False)
+    for t in range(2): tr.train_task(toy_feats(6, shift=t, seed=t), classes=[f'c{t}'] * 6, task_name=f'c{t}')
+    ranks = {t: {m.lora_A[str(t)].shape[0] for m in tr.flow.lora_layers()} for t in (0, 1)}
+    assert ranks == {0: {cfg.lora_rank}, 1: {5}}
+    again = ContinualTrainer(cfg, progress=False).load_state_dict(tr.state_dict())
+    x = toy_feats(3, shift=1, seed=9)
+    assert torch.equal(tr.nll_maps(x, [1] * 3), again.nll_maps(x, [1] * 3))
