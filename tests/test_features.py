@@ -216,7 +216,8 @@ def test_cache_hit_is_identical_and_skips_extraction(tmp_path, lite0):
         assert load_file(info['path'])['features'].dtype == torch.float16
         n = cnt.n
         f32 = FeatureCache(tmp_path / 'c', store_dtype='float32').features(lite0, ds, progress=False)   # another key
-        assert torch.allclose(f32, direct, atol=1e-5) and cnt.n == n + 1
+        assert torch.allclose(f32, direct, atol=5e-5)   # unpooled channels: CPU conv rounding of batch vs single image up to ~2e-5
+        assert cnt.n == n + 1
     finally: cnt.h.remove()
 
 def test_cache_invalidation(tmp_path, lite0):
