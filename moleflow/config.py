@@ -175,9 +175,7 @@ class MoLEConfig:
             raise ValueError(f"config field 'tail_top_k_ratio' must be in (0, 1], got {self.tail_top_k_ratio}")
         for name in ('lr', 'lora_alpha', 'clamp', 'expert_lr_factor'):
             if getattr(self, name) <= 0: raise ValueError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
-        for name in ('expert_min_steps', 'expert_rank'):
-            if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
-        for name in ('train_noise', 'logdet_reg', 'focal_gamma', 'center_loss_weight', 'weight_decay', 'warmup_epochs', 'grad_clip', 'blur_sigma'):
+        for name in ('expert_min_steps', 'expert_rank', 'train_noise', 'logdet_reg', 'focal_gamma', 'center_loss_weight', 'weight_decay', 'warmup_epochs', 'grad_clip', 'blur_sigma'):
             if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.slow_stage_fraction < 1:
             raise ValueError(f"config field 'slow_stage_fraction' must be in [0, 1), got {self.slow_stage_fraction}")
