@@ -84,17 +84,22 @@ class FiLMAdapter(nn.Module):
         if norm not in _FILM_NORMS: raise ValueError(f"norm must be one of {_FILM_NORMS}, got {norm!r}")
         self.task0_blend, self.norm_kind = task0_blend, norm
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
-        if norm != 'patch':   # the task's per-channel statistics, set by `fit_channel_stats` (saved with the adapter)
+        if self.keeps_channel_stats:   # the task's per-channel statistics, set by `fit_channel_stats` (saved with the adapter)
             self.register_buffer('channel_mean', torch.zeros(dim)); self.register_buffer('channel_std', torch.ones(dim))
         self.gamma, self.beta = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
         self.mlp = _mlp(dim, hidden or max(dim // 2, 128), dim, zero_last=True)
         self.gate_logit = nn.Parameter(torch.zeros(1))
 
+    @property
+    def keeps_channel_stats(self) -> bool:
+        "Whether this adapter standardises by the task's per-channel statistics (norm 'channel' or 'mix'), which `fit_channel_stats` sets."
+        return self.norm_kind != 'patch'
+
     @torch.no_grad()
     def fit_channel_stats(self, feats:torch.Tensor, eps:float=1e-6):
         "Set the per-channel mean and standard deviation over every patch of the task's training features `feats (N, H, W, D)`."
         _check_features(feats, self.dim, 'feats')
-        if self.norm_kind == 'patch': raise ValueError("fit_channel_stats: this adapter normalises per patch (norm='patch'); it keeps no channel statistics")
+        if not self.keeps_channel_stats: raise ValueError("fit_channel_stats: this adapter normalises per patch (norm='patch'); it keeps no channel statistics")
         std, mean = torch.std_mean(feats.reshape(-1, self.dim).double(), dim=0)
         self.channel_mean.copy_(mean); self.channel_std.copy_(std.clamp_min(eps))
 
@@ -321,7 +326,7 @@ class MoLEFlow(nn.Module):
             for m in self.lora_layers(): m.add_task(task, generator=gen, rank=self.expert_rank if task else None)
         with _seeded(_derive_seed(self.seed, 3, task)):
             ad = self._make_adapter(task)
-        if features is not None and isinstance(ad, FiLMAdapter) and ad.norm_kind != 'patch': ad.fit_channel_stats(features)
+        if features is not None and isinstance(ad, FiLMAdapter) and ad.keeps_channel_stats: ad.fit_channel_stats(features)
         if ad is not None: self.adapters[str(task)] = ad.to(ref)
         self._tasks.append(task)
 
