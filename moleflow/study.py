@@ -26,8 +26,8 @@ from .inference import (Hypothesis, hierarchical_bootstrap, decide_all, implied_
 __all__ = ['ARMS', 'BASE', 'REFERENCE', 'TAIL', 'DATASETS', 'TEXTURES', 'QUICK', 'FULL', 'HYPOTHESES', 'MEDIATORS',
            'STEP_SECONDS', 'selection_wired', 'runnable_arms', 'update_norms', 'matched_lr_factor', 'tail_calibration',
            'class_record', 'run_record', 'run_one', 'run_study', 'load_runs', 'results_rows', 'effect_data',
-           'mediation_table', 'scenario', 'verdicts', 'write_tables', 'plot_study', 'planned_steps', 'estimate_hours',
-           'repo_study_dir', 'open_study', 'study_label', 'read_csv', 'to_markdown', 'main']
+           'mediation_table', 'scenario', 'verdicts', 'write_tables', 'plot_interval', 'plot_study', 'planned_steps',
+           'estimate_hours', 'repo_study_dir', 'open_study', 'study_label', 'read_csv', 'to_markdown', 'main']
 
 # %% ../nbs/09f_study.ipynb #9cbb6d1e
 ARMS = {
@@ -454,6 +454,10 @@ def write_tables(out, n_boot:int=2000) -> dict:
                 synthesis=out / 'synthesis.json', figures=figs)
 
 # %% ../nbs/09f_study.ipynb #f266e738
+def plot_interval(ax, y:float, estimate:float, low:float, high:float, color, ms:int=4):
+    "An interval [low, high] as a line at height `y` and its estimate as a dot: a bootstrap percentile interval need not contain its estimate."
+    ax.plot([low, high], [y, y], color=color, lw=1.2); ax.plot([estimate], [y], 'o', color=color, ms=ms)
+
 def plot_study(runs, vd:dict, med:list[dict], fig_dir) -> list[Path]:
     "arms.png (pixel AP per arm and data set, seeds as dots), effects.png (effects with CIs and SESOI bands), mediation.png."
     import matplotlib; matplotlib.use('Agg')
@@ -476,16 +480,14 @@ def plot_study(runs, vd:dict, med:list[dict], fig_dir) -> list[Path]:
         sc = max(abs(h['ci_low'] - h['null']), abs(h['ci_high'] - h['null']), h['sesoi'], 1e-12)
         ax.axhspan(i - 0.4, i + 0.4, xmin=0, xmax=0, alpha=0)
         ax.plot([-h['sesoi'] / sc, h['sesoi'] / sc], [i, i], color='#ffcc80', lw=6, solid_capstyle='butt')
-        ax.errorbar((h['estimate'] - h['null']) / sc, i, xerr=[[(h['estimate'] - h['ci_low']) / sc], [(h['ci_high'] - h['estimate']) / sc]],
-                    fmt='o', color=col[h['verdict']], ms=4)
+        plot_interval(ax, i, *((h[k] - h['null']) / sc for k in ('estimate', 'ci_low', 'ci_high')), col[h['verdict']])
     ax.axvline(0, color='k', lw=0.8); ax.set_yticks(range(len(ids)), ids, fontsize=7); ax.invert_yaxis()
     ax.set_xlabel('(effect - null) / max(|CI|, SESOI); orange: the equivalence band', fontsize=8)
     paths.append(save_figure(fig, fig_dir, 'effects'))
     fig, ax = plt.subplots(figsize=(6, 2.6))
     for i, r in enumerate(med):
         if r['estimate'] is None or not np.isfinite(r['estimate']): continue
-        ax.errorbar(r['estimate'], i, xerr=[[r['estimate'] - r['ci_low']], [r['ci_high'] - r['estimate']]], fmt='o',
-                    color='#1e88e5' if r['part'] == 'total' else '#8e24aa', ms=4)
+        plot_interval(ax, i, r['estimate'], r['ci_low'], r['ci_high'], '#1e88e5' if r['part'] == 'total' else '#8e24aa')
     ax.axvline(0, color='k', lw=0.8); ax.set_yticks(range(len(med)), [f"{r['mediator']} ({r['part']})" for r in med], fontsize=7)
     ax.invert_yaxis(); ax.set_xlabel('standardised slope of Δpixel AP on Δmediator', fontsize=8)
     paths.append(save_figure(fig, fig_dir, 'mediation'))
