@@ -56,6 +56,14 @@ def training_setup(cfg, real:bool=DATA.is_dir()):
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip); opt.step()
     return ext, test_x, tr, step
 
+def step_times(step, n:int, warmup:int=3) -> list[float]:
+    "Seconds of `n` calls `step(i)` after `warmup` untimed ones."
+    for i in range(warmup): step(i)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter(); step(i); times.append(time.perf_counter() - t0)
+    return times
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--steps', type=int, default=20)
@@ -69,10 +77,7 @@ def main():
     cfg = make_config('main', {})
     real = DATA.is_dir()
     ext, test_x, tr, step = training_setup(cfg, real)
-    for i in range(3): step(i)
-    times = []
-    for i in range(a.steps):
-        t0 = time.perf_counter(); step(i); times.append(time.perf_counter() - t0)
+    times = step_times(step, a.steps)
     with profile(activities=[ProfilerActivity.CPU]) as p_train:
         for i in range(5): step(i)
     tr.flow.eval()

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / 'bench'))
-from profile_moleflow import training_setup, DATA
+from profile_moleflow import training_setup, step_times, DATA
 from moleflow.config import make_config
 from moleflow.files import atomic_write_text
 
@@ -115,10 +115,7 @@ def main():
     cfg = make_config('main', {})
     real = DATA.is_dir()
     ext, test_x, tr, step = training_setup(cfg, real)
-    for i in range(3): step(i)
-    times = []
-    for i in range(a.steps):
-        t0 = time.perf_counter(); step(i); times.append(time.perf_counter() - t0)
+    times = step_times(step, a.steps)
     step_s = statistics.median(times)
     peak_shape = (1, a.peak_size, a.peak_size, a.peak_size)
     peak = mm_flops(peak_shape) / gemm_seconds(peak_shape) / 1e9
