@@ -31,8 +31,8 @@ def images(n, split):
     ds = MVTecDataset(DATA, 'hazelnut', split=split)
     return torch.stack([ds[i]['image'] for i in range(min(n, len(ds)))])
 
-def training_setup(cfg, real:bool=DATA.is_dir()):
-    "The backbone, test images and a trainer with task 0 trained briefly; returns `(ext, test_x, trainer, step)`: `step(i)` is one task-1 training step (forward, loss, backward, clip, AdamW)."
+def training_setup(cfg, real:bool):
+    "The backbone, test images (real hazelnut ones if `real`, else random) and a trainer with task 0 trained briefly; returns `(ext, test_x, trainer, step)`: `step(i)` is one task-1 training step (forward, loss, backward, clip, AdamW)."
     torch.manual_seed(0)
     ext = get_backbone(cfg.backbone, feature_dim=cfg.feature_dim)
     with torch.inference_mode():

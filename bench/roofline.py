@@ -12,7 +12,7 @@ bench/profile_moleflow.py, whose training step it measures.
 - Ratios: achieved GFLOP/s of the step over each ceiling, and the share of the step's time its matmuls would take at
   their measured speed (the rest is elementwise and memory-bound work: what blocks the remainder).
 """
-import argparse, json, platform, statistics, subprocess, sys, time
+import argparse, json, platform, statistics, sys, time
 from collections import Counter
 from pathlib import Path
 import torch
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / 'bench'))
 from profile_moleflow import training_setup, step_times, DATA
 from moleflow.config import make_config
+from moleflow.diagnosis import code_version
 from moleflow.files import atomic_write_text
 
 aten = torch.ops.aten
@@ -85,7 +86,8 @@ def roofline(name:str, fn, seconds:float, peak:float) -> dict:
             'top_matmuls': [{'shape_bmkn': list(s), 'calls': c, 'gflop': mm_flops(s) * c / 1e9} for s, c in top]}
 
 def to_markdown(res:dict) -> str:
-    lines = [f"# Roofline (issue 16)\n", f"{res['machine']}; {res['threads']} thread(s); torch {res['torch']}; code {res['code']}; "
+    lines = [f"# Roofline (issue 16)\n", f"{res['date']}, {res['machine']}; {res['threads']} thread(s); torch {res['torch']}; code {(res['code']['commit'] or 'unknown')[:7]}"
+             f"{' (dirty)' if res['code']['dirty'] else ''}; "
              f"default config (D={res['feature_dim']}, {res['blocks']} blocks, batch {res['batch']}); real features: {res['real_features']}.\n",
              f"Matmul peak measured in this run ({res['peak_shape']} float32 GEMM): **{res['peak_gflops']:.1f} GFLOP/s**.\n",
              '| pass | GFLOP | of it in matmuls | time (ms) | achieved GFLOP/s | of peak | ceiling of its matmul shapes (GFLOP/s) | of that ceiling | its matmuls at measured speed, share of time |',
@@ -127,10 +129,8 @@ def main():
         passes.append(roofline(f'backbone ({len(test_x)} images)', lambda: ext(test_x), best_seconds(lambda: ext(test_x), 3), peak))
         passes.append(roofline(f'flow scoring ({len(test_x)} images)', lambda: tr.nll_maps(feats, tasks),
                                best_seconds(lambda: tr.nll_maps(feats, tasks), 3), peak))
-    try: code = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError: code = 'unknown'
     res = dict(machine=f'{platform.machine()} {platform.processor() or ""}'.strip(), threads=torch.get_num_threads(),
-               torch=torch.__version__, code=code, feature_dim=cfg.feature_dim, blocks=cfg.num_coupling_layers,
+               torch=torch.__version__, code=code_version(), date=time.strftime('%Y-%m-%dT%H:%M:%S'), feature_dim=cfg.feature_dim, blocks=cfg.num_coupling_layers,
                batch=cfg.batch_size, real_features=real, peak_shape='x'.join(map(str, peak_shape[1:])), peak_gflops=peak,
                step_times_ms=[1000 * t for t in times], passes=passes)
     atomic_write_text(a.out + '.json', json.dumps(res, indent=1))
