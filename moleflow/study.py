@@ -454,9 +454,11 @@ def write_tables(out, n_boot:int=2000) -> dict:
                 synthesis=out / 'synthesis.json', figures=figs)
 
 # %% ../nbs/09f_study.ipynb #f266e738
-def plot_interval(ax, y:float, estimate:float, low:float, high:float, color, ms:int=4):
-    "An interval [low, high] as a line at height `y` and its estimate as a dot: a bootstrap percentile interval need not contain its estimate."
-    ax.plot([low, high], [y, y], color=color, lw=1.2); ax.plot([estimate], [y], 'o', color=color, ms=ms)
+def plot_interval(ax, at:float, estimate:float, low:float, high:float, color, ms:int=4, vertical:bool=False, label=None):
+    "An interval [low, high] as a line at `at` (a height; an x position when `vertical`) and its estimate as a dot: a bootstrap percentile interval need not contain its estimate."
+    line, dot = ([at, at], [low, high]), ([at], [estimate])
+    if not vertical: line, dot = line[::-1], dot[::-1]
+    ax.plot(*line, color=color, lw=1.2); ax.plot(*dot, 'o', color=color, ms=ms, label=label)
 
 def plot_study(runs, vd:dict, med:list[dict], fig_dir) -> list[Path]:
     "arms.png (pixel AP per arm and data set, seeds as dots), effects.png (effects with CIs and SESOI bands), mediation.png."
