@@ -106,12 +106,29 @@ def to_markdown(res:dict) -> str:
         lines.append(f"**{r['name']}**, largest matmuls (batch, m, k, n) x calls: " +
                      '; '.join(f"{tuple(t['shape_bmkn'])} x{t['calls']} ({t['gflop']:.2f} GFLOP)" for t in r['top_matmuls']))
         lines.append('')
+    if res.get('presets'):
+        first = res['presets'][0]['preset']
+        lines += [f"Training step (task 1, its own config) of the design versions, measured one after another in this run, against `{first}`:", '',
+                  f'| preset | step (ms) | x {first} |', '|---|---|---|']
+        lines += [f"| {r['preset']} | {r['step_ms']:.0f} | {r['times_first']:.2f} |" for r in res['presets']]
+        lines.append('')
     return '\n'.join(lines)
+
+def preset_steps(presets, steps:int, real:bool) -> list[dict]:
+    "Median task-1 training-step time of each preset on the same data, and its ratio to the first preset's (measured in this run)."
+    out = []
+    for name in presets:
+        _, _, _, step = training_setup(make_config(name, {}), real)
+        out.append({'preset': name, 'step_ms': 1000 * statistics.median(step_times(step, steps))})
+    for r in out: r['times_first'] = r['step_ms'] / out[0]['step_ms']
+    return out
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--steps', type=int, default=10, help='timed training steps (the median is kept)')
     ap.add_argument('--peak-size', type=int, default=2048, help='side of the square GEMM that measures the peak')
+    ap.add_argument('--presets', default='main,v4,v4.1,v5,v6,v7', help="presets whose training step is timed against the first ('' for none)")
+    ap.add_argument('--preset-steps', type=int, default=5, help='timed steps per preset (the median is kept)')
     ap.add_argument('--out', default=str(ROOT / 'bench' / 'roofline'), help='output stem: writes STEM.json and STEM.md')
     a = ap.parse_args()
     cfg = make_config('main', {})
@@ -132,7 +149,8 @@ def main():
     res = dict(machine=f'{platform.machine()} {platform.processor() or ""}'.strip(), threads=torch.get_num_threads(),
                torch=torch.__version__, code=code_version(), date=time.strftime('%Y-%m-%dT%H:%M:%S'), feature_dim=cfg.feature_dim, blocks=cfg.num_coupling_layers,
                batch=cfg.batch_size, real_features=real, peak_shape='x'.join(map(str, peak_shape[1:])), peak_gflops=peak,
-               step_times_ms=[1000 * t for t in times], passes=passes)
+               step_times_ms=[1000 * t for t in times], passes=passes,
+               presets=preset_steps([p for p in a.presets.split(',') if p], a.preset_steps, real))
     atomic_write_text(a.out + '.json', json.dumps(res, indent=1))
     atomic_write_text(a.out + '.md', to_markdown(res))
     print(to_markdown(res))

@@ -129,3 +129,16 @@ def test_roofline_counts_matmul_flops_from_shapes(repo_root, monkeypatch):
     f.requires_grad_(False)                                        # as a trained flow scores: inference mode
     with torch.inference_mode(): frozen, _ = counted(lambda: f(h, task=1))
     assert infer == grad == frozen > 0 and sum(mm_flops(s) * c for s, c in shapes.items()) <= infer
+
+def test_roofline_times_presets_against_the_first(repo_root, monkeypatch):
+    "bench/roofline.py: each preset's task-1 step is timed with its own config and reported as a ratio to the first, in the markdown too."
+    monkeypatch.syspath_prepend(str(repo_root / 'bench'))
+    from roofline import preset_steps, to_markdown
+    rows = preset_steps(['fast', 'fast'], steps=1, real=False)      # the same small preset twice: two separate timings
+    assert [r['preset'] for r in rows] == ['fast', 'fast'] and rows[0]['times_first'] == 1.0
+    assert all(r['step_ms'] > 0 for r in rows)
+    assert rows[1]['times_first'] == rows[1]['step_ms'] / rows[0]['step_ms']
+    md = to_markdown({'date': 'd', 'machine': 'm', 'threads': 1, 'torch': 't', 'code': {'commit': 'abc', 'dirty': False},
+                      'feature_dim': 1, 'blocks': 1, 'batch': 1, 'real_features': False, 'peak_shape': '1', 'peak_gflops': 1.0,
+                      'passes': [], 'presets': rows})
+    assert md.count('| fast |') == 2 and 'against `fast`' in md
