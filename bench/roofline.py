@@ -12,7 +12,7 @@ bench/profile_moleflow.py, whose training step it measures.
 - Ratios: achieved GFLOP/s of the step over each ceiling, and the share of the step's time its matmuls would take at
   their measured speed (the rest is elementwise and memory-bound work: what blocks the remainder).
 """
-import argparse, json, platform, statistics, sys, time
+import argparse, json, os, platform, statistics, sys, time
 from collections import Counter
 from pathlib import Path
 import torch
@@ -88,6 +88,7 @@ def roofline(name:str, fn, seconds:float, peak:float) -> dict:
 def to_markdown(res:dict) -> str:
     lines = [f"# Roofline (issue 16)\n", f"{res['date']}, {res['machine']}; {res['threads']} thread(s); torch {res['torch']}; code {(res['code']['commit'] or 'unknown')[:7]}"
              f"{' (dirty)' if res['code']['dirty'] else ''}; "
+             f"load average {res.get('load_average_1min', float('nan')):.1f} at the start (other processes slow it); "
              f"default config (D={res['feature_dim']}, {res['blocks']} blocks, batch {res['batch']}); real features: {res['real_features']}.\n",
              f"Matmul peak measured in this run ({res['peak_shape']} float32 GEMM): **{res['peak_gflops']:.1f} GFLOP/s**.\n",
              '| pass | GFLOP | of it in matmuls | time (ms) | achieved GFLOP/s | of peak | ceiling of its matmul shapes (GFLOP/s) | of that ceiling | its matmuls at measured speed, share of time |',
@@ -132,7 +133,7 @@ def main():
     ap.add_argument('--out', default=str(ROOT / 'bench' / 'roofline'), help='output stem: writes STEM.json and STEM.md')
     a = ap.parse_args()
     cfg = make_config('main', {})
-    real = DATA.is_dir()
+    real, load = DATA.is_dir(), os.getloadavg()[0]   # other work on the machine moves every number here
     ext, test_x, tr, step = training_setup(cfg, real)
     times = step_times(step, a.steps)
     step_s = statistics.median(times)
@@ -147,7 +148,7 @@ def main():
         passes.append(roofline(f'flow scoring ({len(test_x)} images)', lambda: tr.nll_maps(feats, tasks),
                                best_seconds(lambda: tr.nll_maps(feats, tasks), 3), peak))
     res = dict(machine=f'{platform.machine()} {platform.processor() or ""}'.strip(), threads=torch.get_num_threads(),
-               torch=torch.__version__, code=code_version(), date=time.strftime('%Y-%m-%dT%H:%M:%S'), feature_dim=cfg.feature_dim, blocks=cfg.num_coupling_layers,
+               torch=torch.__version__, code=code_version(), load_average_1min=load, date=time.strftime('%Y-%m-%dT%H:%M:%S'), feature_dim=cfg.feature_dim, blocks=cfg.num_coupling_layers,
                batch=cfg.batch_size, real_features=real, peak_shape='x'.join(map(str, peak_shape[1:])), peak_gflops=peak,
                step_times_ms=[1000 * t for t in times], passes=passes,
                presets=preset_steps([p for p in a.presets.split(',') if p], a.preset_steps, real))
