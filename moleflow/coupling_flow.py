@@ -9,7 +9,7 @@ __all__ = ['sinusoidal_pos_embed_2d', 'InstanceNormAdapter', 'FiLMAdapter', 'Whi
 # %% ../nbs/01_coupling_flow.ipynb #59d959dc
 import math
 from contextlib import contextmanager
-from functools import partial
+from functools import lru_cache, partial
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from FrEIA.modules import AllInOneBlock
@@ -40,6 +40,11 @@ def sinusoidal_pos_embed_2d(H:int, W:int, D:int, temperature:float=10000.0) -> t
         return torch.cat([p.sin(), p.cos()], -1)  # (n, 2d)
     rows, cols = enc(H)[:, None, :].expand(H, W, 2 * d), enc(W)[None, :, :].expand(H, W, 2 * d)
     return torch.cat([rows, cols], -1)[..., :D].float().contiguous()
+
+@lru_cache(maxsize=64)
+def _pos_embed_on(H:int, W:int, D:int, device:torch.device, dtype:torch.dtype) -> torch.Tensor:
+    "`sinusoidal_pos_embed_2d(H, W, D)` on `device` in `dtype`, made once per (H, W, D, device, dtype): a forward only reads it."
+    with torch.inference_mode(False), torch.no_grad(): return sinusoidal_pos_embed_2d(H, W, D).to(device, dtype)
 
 # %% ../nbs/01_coupling_flow.ipynb #10eaecb3
 def _mlp(d_in:int, hidden:int, d_out:int, zero_last:bool=False) -> nn.Sequential:
@@ -370,7 +375,7 @@ class MoLEFlow(nn.Module):
         "Non-invertible pre-processing of (B, H, W, D) features: task adapter, + positional embedding, mixer."
         _check_features(x, self.dim); self._check_known(task)
         if str(task) in self.adapters: x = self.adapters[str(task)](x)
-        if self.use_pos_embed: x = x + sinusoidal_pos_embed_2d(*x.shape[1:]).to(x)
+        if self.use_pos_embed: x = x + _pos_embed_on(*x.shape[1:], x.device, x.dtype)
         return x if self.mixer is None else self.mixer(x)
 
     def flow_forward(self, h:torch.Tensor, task:int) -> tuple[torch.Tensor, torch.Tensor]:
