@@ -82,14 +82,14 @@ class MoLEConfig:
     clamp: float = 1.9              # affine clamping of the coupling blocks
     adapter: str = 'film'           # per-task input adapter (main: FiLM; measured best of the four in notebook 09)
     adapter_logdet: bool = False    # add the adapter's per-channel log-scale to the log-det (shrinking the input no longer lowers the NLL)
-    expert_adapter_norm: str = 'patch'  # how a later task's FiLM adapter normalises: 'patch' (LayerNorm), 'channel' (the task's channel statistics), 'mix'
+    expert_adapter_norm: str = 'mix'    # how a later task's FiLM adapter normalises: 'patch' (LayerNorm), 'channel' (the task's channel statistics), 'mix' (their mean; notebook 09d)
     pos_embed: bool = True          # 2-D sinusoidal positional embedding
     spatial_mixer: bool = False     # depthwise residual context mixer before the flow
     lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_scaling: str = 'alpha/rank'
     lora_task_bias: bool = True
-    expert_rank: int = 0            # > 0: the LoRA rank of the experts of tasks after the first (task 0 keeps lora_rank), scaled by lora_alpha/lora_rank as well
+    expert_rank: int = 32           # > 0: the LoRA rank of the experts of tasks after the first (task 0 keeps lora_rank), scaled by lora_alpha/lora_rank as well; 0: lora_rank
     task0_expert: bool = True       # False: the v1 behaviour, task 0 trains the base flow only
     # design variants (notebook 01a)
     cross_patch_context: str = 'learned'  # subnet_type='cross_patch': 'learned' extractor and gate (v4), 'fixed' k x k neighbour mean (v4.1), 'none'
@@ -221,7 +221,8 @@ def _type_name(hint) -> str:
     return ' or '.join('None' if t is type(None) else t.__name__ for t in (typing.get_args(hint) or (hint,)))
 
 # %% ../nbs/08_config.ipynb #308f271c
-_EARLY = dict(tail_weight=0.0, logdet_reg=0.0, score_aggregation='max', score_param=None)  # before main's loss and score
+_EARLY = dict(tail_weight=0.0, logdet_reg=0.0, score_aggregation='max', score_param=None,   # before main's loss and score
+              expert_adapter_norm='patch', expert_rank=0)                                  # and its later-task experts
 _V1 = dict(_EARLY, subnet_type='mlp', adapter='instance_norm', task0_expert=False, lora_scaling='alpha/(2*rank)')
 _V2 = dict(_V1, task0_expert=True, lora_scaling='alpha/rank')
 _V3 = dict(_V2, adapter='film')
@@ -234,7 +235,7 @@ PRESETS: dict[str, dict] = {
     'main': {},
     'mean_only': dict(tail_weight=0.0),
     'fast': dict(epochs=2, num_coupling_layers=4, subnet_hidden=64, feature_dim=64, lora_rank=4, lora_alpha=4.0,
-                 batch_size=8, image_size=128, crop_size=128),
+                 batch_size=8, image_size=128, crop_size=128, expert_rank=0),
     'v1': _V1, 'v2': _V2, 'v3': _V3, 'v4': _V4, 'v4.1': _V41, 'v5': _V5, 'v6': _V6,
     'v7': dict(_V6, focal_gamma=2.0),
     'baseline_1.5': dict(_EARLY, subnet_type='context', context_mode='alpha', context_init_scale=0.1, context_max_alpha=0.2,
@@ -243,7 +244,8 @@ PRESETS: dict[str, dict] = {
     # the original implementation's main configuration (MoLE6 + DIA2) for a GPU and the full MVTec AD: needs WideResNet-50 weights
     'paper': dict(backbone='wide_resnet50_2', feature_dim=768, num_coupling_layers=6, dia_blocks=2, epochs=60, lr=3e-4,
                   lora_rank=64, lora_alpha=64.0, batch_size=16, adapter='whitening', tail_weight=0.7, tail_top_k_ratio=0.02,
-                  score_aggregation='top_k', score_param=3, logdet_reg=1e-4, context_kernel=5),
+                  score_aggregation='top_k', score_param=3, logdet_reg=1e-4, context_kernel=5,
+                  expert_adapter_norm='patch', expert_rank=0),
 }
 VERSIONS = ('v1', 'v2', 'v3', 'v4', 'v4.1', 'v5', 'v6', 'v7', 'baseline_1.5', 'baseline_2.0', 'main')
 

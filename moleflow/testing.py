@@ -12,7 +12,7 @@ __all__ = ['SMALL', 'tiny_config', 'image_config', 'toy_feats', 'with_tasks', 'r
            'per_patch_logdets', 'check_logdet', 'off_diagonal', 'check_task_isolation']
 
 # %% ../nbs/08d_testing.ipynb #758a2e38
-SMALL = dict(feature_dim=16, num_coupling_layers=2, subnet_hidden=16, lora_rank=2, lora_alpha=2.0)
+SMALL = dict(feature_dim=16, num_coupling_layers=2, subnet_hidden=16, lora_rank=2, lora_alpha=2.0, expert_rank=4)
 
 def tiny_config(**over) -> MoLEConfig:
     "A `MoLEConfig` of a flow small enough for a check: `SMALL`, then `over`."
