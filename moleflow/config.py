@@ -16,8 +16,8 @@ from .router import PrototypeRouter
 from .evaluation import AGGREGATIONS
 
 # %% auto #0
-__all__ = ['CHOICES', 'ABLATIONS', 'PRESETS', 'VERSIONS', 'MoLEConfig', 'get_preset', 'check_keys', 'parse_overrides',
-           'make_config', 'save_config', 'load_config']
+__all__ = ['CHOICES', 'ABLATIONS', 'PRESETS', 'VERSIONS', 'PRE_FIELD_VALUES', 'MoLEConfig', 'get_preset', 'check_keys',
+           'parse_overrides', 'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/08_config.ipynb #50df296c
 CHOICES = dict(          # each read from the module that implements it
@@ -309,8 +309,11 @@ def save_config(cfg: MoLEConfig, path):
     text = yaml.safe_dump(d, sort_keys=False) if path.suffix in ('.yaml', '.yml') else json.dumps(d, indent=2) + '\n'
     atomic_write_text(path, text)
 
-def load_config(path) -> MoLEConfig:
-    "Load a config saved by `save_config` (or written by hand), checking keys and types."
+# a field whose default changed after it was added: a config saved before the field existed ran at this value
+PRE_FIELD_VALUES = {'expert_adapter_norm': 'patch', 'expert_rank': 0}
+
+def load_config(path, saved:bool=False) -> MoLEConfig:
+    "Load a config written by hand (a missing key takes its default) or, `saved=True`, by `save_config` (a missing key predates its field: `PRE_FIELD_VALUES`), checking keys and types."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"config file {path} not found")
     text = path.read_text(encoding='utf-8')
@@ -318,5 +321,6 @@ def load_config(path) -> MoLEConfig:
     except (json.JSONDecodeError, yaml.YAMLError) as e: raise ValueError(f"config file {path} is not valid: {e}") from None
     if not isinstance(d, dict): raise ValueError(f"config file {path} must hold a mapping of config keys")
     check_keys(d, what=f'a config key (config file {path})')
+    if saved: d = {**{k: v for k, v in PRE_FIELD_VALUES.items() if k not in d}, **d}
     try: return MoLEConfig(**d)
     except ValueError as e: raise ValueError(f"config file {path}: {e}") from None

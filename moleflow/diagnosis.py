@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 import numpy as np, torch
 from tqdm.auto import tqdm
-from .config import MoLEConfig, make_config, get_preset, atomic_write_text
+from .config import MoLEConfig, make_config, get_preset, atomic_write_text, PRE_FIELD_VALUES
 from .data import MVTecDataset, generate_default_dataset
 from .features import get_backbone, FeatureCache
 from .evaluation import anomaly_maps, image_scores, evaluate_task
@@ -17,11 +17,11 @@ from .trainer import ContinualTrainer, task_epochs
 from .run import ClassData, open_classes as open_run_classes
 
 # %% auto #0
-__all__ = ['SEQUENCES', 'METRIC_KEYS', 'AGGREGATIONS_COMPARED', 'ARMS', 'FEATURE_KEYS', 'PRE_FIELD_VALUES', 'ALONE',
-           'nn_distance_maps', 'sequence', 'data_roots', 'open_classes', 'class_metrics', 'score_maps', 'code_version',
-           'run_record', 'run_path', 'reference_record', 'run_study', 'load_study', 'class_results', 'fmt',
-           'to_markdown', 'gap_table', 'decomposition', 'results_table', 'compare_arms', 'base_arm', 'parse_arm',
-           'main', 'plot_curves', 'scoring_table', 'defect_table', 'worst_images', 'plot_maps_side_by_side']
+__all__ = ['SEQUENCES', 'METRIC_KEYS', 'AGGREGATIONS_COMPARED', 'ARMS', 'FEATURE_KEYS', 'ALONE', 'nn_distance_maps', 'sequence',
+           'data_roots', 'open_classes', 'class_metrics', 'score_maps', 'code_version', 'run_record', 'run_path',
+           'reference_record', 'run_study', 'load_study', 'class_results', 'fmt', 'to_markdown', 'gap_table',
+           'decomposition', 'results_table', 'compare_arms', 'base_arm', 'parse_arm', 'main', 'plot_curves',
+           'scoring_table', 'defect_table', 'worst_images', 'plot_maps_side_by_side']
 
 # %% ../nbs/09d_accuracy.ipynb #2c517a32
 def nn_distance_maps(bank:torch.Tensor, test:torch.Tensor, max_bank:int|None=None, seed:int=0, chunk:int=2048) -> torch.Tensor:
@@ -322,9 +322,6 @@ def compare_arms(runs:list[dict], arm:str, base:str='main', metrics=('pixel_auro
     return out
 
 # %% ../nbs/09d_accuracy.ipynb #b4a5e002
-# a field whose default changed after it was added: a record written before the field existed ran at this value
-PRE_FIELD_VALUES = {'expert_adapter_norm': 'patch', 'expert_rank': 0}
-
 def _settings(config:dict) -> dict:
     "A run's config over the current fields (one added since takes the value the code had before it, one removed since is dropped), without `seed` and `cache_dir`."
     return {k: config.get(k, PRE_FIELD_VALUES.get(k, v)) for k, v in asdict(MoLEConfig()).items() if k not in ('seed', 'cache_dir')}

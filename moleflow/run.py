@@ -247,7 +247,7 @@ def run_continual(cfg: MoLEConfig, data_root, tasks, out, *, dataset: str = 'mvt
     last_ckpt = _check_run_dir(out, resume, overwrite)
     if resume:
         saved = json.loads((out/'run.json').read_text())
-        cfg, tasks, dataset = load_config(out/'config.json'), saved['tasks'], saved['dataset']
+        cfg, tasks, dataset = load_config(out/'config.json', saved=True), saved['tasks'], saved['dataset']
         data_root = Path(data_root) if data_root is not None else Path(saved['data_root'])
         skip_bad, dataset_kwargs = skip_bad or saved.get('skip_bad', False), saved.get('dataset_kwargs')
         scenario = saved.get('scenario')
@@ -315,7 +315,7 @@ def load_run(run_dir, progress: bool = True):
     ckpts = sorted((run_dir/'checkpoints').glob('task_*.pt'))
     if not ckpts: raise RunError(f"no checkpoint in {run_dir/'checkpoints'}: is {run_dir} a moleflow run folder?")
     saved = json.loads((run_dir/'run.json').read_text())
-    cfg = load_config(run_dir/'config.json')
+    cfg = load_config(run_dir/'config.json', saved=True)
     ck = torch.load(ckpts[-1], weights_only=False)
     return cfg, saved, ContinualTrainer(cfg, progress=progress).load_state_dict(ck['trainer'])
 

@@ -51,3 +51,18 @@ def test_cli_config_with_set_no_router_false_routes(generated_root, cache_dir, t
     assert calls, 'the router was not used'
     again = json.loads((tmp_path/'routed'/'config.json').read_text())
     assert again['no_router'] is False and again['router'] == 'mahalanobis'
+
+def test_run_saved_before_a_default_changed_loads_as_trained(generated_root, cache_dir, tmp_path):
+    "A run folder whose config.json predates fields whose default changed since loads at their earlier values and re-evaluates the same."
+    from moleflow.config import PRE_FIELD_VALUES
+    from moleflow.run import evaluate_run, load_run
+    common = ['--data-root', str(generated_root), '--tasks', 'fabric', 'screw', '--set', f'cache_dir={cache_dir}']
+    sets = [x for k, v in PRE_FIELD_VALUES.items() for x in ('--set', f'{k}={v}')]
+    main(['train', *common, *TINY, *sets, '--out', str(tmp_path/'old')])
+    path = tmp_path/'old'/'config.json'
+    before = evaluate_run(tmp_path/'old', progress=False)
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k not in PRE_FIELD_VALUES}))
+    assert load_config(path).expert_rank != PRE_FIELD_VALUES['expert_rank']      # today's default would not fit the checkpoint
+    cfg, _, _ = load_run(tmp_path/'old', progress=False)
+    assert {k: getattr(cfg, k) for k in PRE_FIELD_VALUES} == PRE_FIELD_VALUES
+    assert evaluate_run(tmp_path/'old', progress=False)['final'] == before['final']
