@@ -82,8 +82,9 @@ class MoLEConfig:
     clamp: float = 1.9              # affine clamping of the coupling blocks
     adapter: str = 'film'           # per-task input adapter (main: FiLM; measured best of the four in notebook 09)
     adapter_logdet: bool = False    # add the adapter's per-channel log-scale to the log-det (shrinking the input no longer lowers the NLL)
-    expert_adapter_norm: str = 'patch'  # how a later task's FiLM adapter normalises: 'patch' (LayerNorm), 'channel' (the task's channel statistics), 'mix'
+    expert_adapter_norm: str = 'patch'  # how a later task's FiLM adapter normalises: 'patch' (LayerNorm), 'channel' (the task's channel statistics), 'mix', 'base' (channels moved onto task 0's statistics)
     pos_embed: bool = True          # 2-D sinusoidal positional embedding
+    pos_embed_scale: float = 1.0    # its multiplier: the embedding's channels lie in [-1, 1], raw lite0 channels spread ~3
     spatial_mixer: bool = False     # depthwise residual context mixer before the flow
     lora_rank: int = 16
     lora_alpha: float = 16.0
@@ -173,7 +174,7 @@ class MoLEConfig:
         if not 0 <= self.tail_weight <= 1: raise ValueError(f"config field 'tail_weight' must be in [0, 1], got {self.tail_weight}")
         if not 0 < self.tail_top_k_ratio <= 1:
             raise ValueError(f"config field 'tail_top_k_ratio' must be in (0, 1], got {self.tail_top_k_ratio}")
-        for name in ('lr', 'lora_alpha', 'clamp', 'expert_lr_factor'):
+        for name in ('lr', 'lora_alpha', 'clamp', 'expert_lr_factor', 'pos_embed_scale'):
             if getattr(self, name) <= 0: raise ValueError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
         for name in ('expert_min_steps', 'expert_rank', 'train_noise', 'logdet_reg', 'focal_gamma', 'center_loss_weight', 'weight_decay', 'warmup_epochs', 'grad_clip', 'blur_sigma'):
             if getattr(self, name) < 0: raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
