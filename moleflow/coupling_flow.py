@@ -279,7 +279,8 @@ class MoLEFlow(nn.Module):
                  context_kernel:int=3, context_init_scale:float=0.1, context_max_alpha:float=0.2, clamp:float=1.9,
                  adapter:str='film', pos_embed:bool=True, spatial_mixer:bool=False, task0_expert:bool=True,
                  seed:int=0, global_affine_type:str='SOFTPLUS', lora:bool=True, adapter_logdet:bool=False,
-                 expert_adapter_norm:str='patch', expert_rank:int|None=None, pos_embed_scale:float=1.0):
+                 expert_adapter_norm:str='patch', expert_rank:int|None=None, pos_embed_scale:float=1.0,
+                 task0_adapter_blend:float=0.1):
         super().__init__()
         if _check_pos_int('dim', dim) < 2: raise ValueError(f"dim must be an int >= 2, got {dim}")
         _check_pos_int('n_blocks', n_blocks); _check_pos_int('hidden', hidden)
@@ -301,6 +302,9 @@ class MoLEFlow(nn.Module):
         if isinstance(pos_embed_scale, bool) or not isinstance(pos_embed_scale, (int, float)) or not (math.isfinite(pos_embed_scale) and pos_embed_scale > 0):
             raise ValueError(f"pos_embed_scale must be a positive finite number, got {pos_embed_scale!r}")
         self.pos_embed_scale = float(pos_embed_scale)
+        if isinstance(task0_adapter_blend, bool) or not isinstance(task0_adapter_blend, (int, float)) or not 0 <= task0_adapter_blend <= 1:
+            raise ValueError(f"task0_adapter_blend must be a number in [0, 1], got {task0_adapter_blend!r}")
+        self.task0_adapter_blend = float(task0_adapter_blend)   # task 0's FiLM adapter: (1-b) x + b FiLM(x)
         self.expert_rank = expert_rank   # the rank of every task after the first (None: rank); the scaling stays alpha/rank
         self.dim, self.seed, self.adapter_kind, self.task0_expert = dim, seed, adapter, task0_expert
         self.subnet_kind, self.use_pos_embed, self.lora, self.clamp = subnet, pos_embed, lora, float(clamp)
@@ -330,7 +334,7 @@ class MoLEFlow(nn.Module):
                   context_max_alpha=c.context_max_alpha, clamp=c.clamp, adapter=c.adapter, pos_embed=c.pos_embed,
                   spatial_mixer=c.spatial_mixer, task0_expert=c.task0_expert, seed=c.seed, lora=not c.no_lora,
                   adapter_logdet=c.adapter_logdet, expert_adapter_norm=c.expert_adapter_norm, expert_rank=c.expert_rank or None,
-                  pos_embed_scale=c.pos_embed_scale)
+                  pos_embed_scale=c.pos_embed_scale, task0_adapter_blend=c.task0_adapter_blend)
         if not (c.subnet_type == 'cross_patch' or c.lora_grid or c.patch_attention or c.dia_blocks): return cls(c.feature_dim, **kw)
         from moleflow.flow_variants import VariantFlow     # notebook 01a builds on this one, so it is imported when it is asked for
         return VariantFlow(c.feature_dim, **kw, cross_patch_context=c.cross_patch_context, cross_patch_gate=c.cross_patch_gate,
@@ -350,7 +354,7 @@ class MoLEFlow(nn.Module):
     def _make_adapter(self, task:int) -> nn.Module|None:
         if self.adapter_kind == 'whitening': return WhiteningAdapter(self.dim)
         if self.adapter_kind == 'film':   # task 0: mostly identity; a later task normalises as `expert_adapter_norm` says
-            return FiLMAdapter(self.dim, task0_blend=0.1) if task == 0 else FiLMAdapter(self.dim, norm=self.expert_adapter_norm)
+            return FiLMAdapter(self.dim, task0_blend=self.task0_adapter_blend) if task == 0 else FiLMAdapter(self.dim, norm=self.expert_adapter_norm)
         if self.adapter_kind == 'instance_norm': return InstanceNormAdapter(self.dim)
         return None
 
