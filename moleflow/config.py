@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from .files import atomic_write_text
 from .lora import _SCALINGS
-from .coupling_flow import _ADAPTERS, _CONTEXT_MODES, _FILM_NORMS
+from .coupling_flow import _ADAPTERS, _CONTEXT_MODES, _FILM_NORMS, TASK0_FILM_BLEND
 from .flow_variants import _CP_CONTEXTS, _VARIANT_SUBNETS
 from .router import PrototypeRouter
 from .evaluation import AGGREGATIONS
@@ -46,7 +46,7 @@ def _ablated(cfg) -> dict:
     "The fields that `cfg`'s switched-on ablations turn off, with the values they take (`no_lora` has none: the flow reads it)."
     out = {}
     if cfg.no_router: out['router'] = 'oracle'
-    if cfg.no_adapter: out.update(adapter='none', expert_adapter_norm='patch', task0_adapter_blend=0.1)
+    if cfg.no_adapter: out.update(adapter='none', expert_adapter_norm='patch', task0_adapter_blend=TASK0_FILM_BLEND)
     if cfg.no_pos_embed: out['pos_embed'] = False
     if cfg.no_spatial_context: out.update(spatial_mixer=False, cross_patch_context='none')
     if cfg.no_scale_context and cfg.subnet_type == 'context': out['subnet_type'] = 'mlp'
@@ -81,7 +81,7 @@ class MoLEConfig:
     context_max_alpha: float = 0.2
     clamp: float = 1.9              # affine clamping of the coupling blocks
     adapter: str = 'film'           # per-task input adapter (main: FiLM; measured best of the four in notebook 09)
-    task0_adapter_blend: float = 0.1  # task 0's FiLM adapter gives (1-b) x + b FiLM(x): 0.1 mostly the raw features, 1.0 LayerNorm'ed like later tasks
+    task0_adapter_blend: float = TASK0_FILM_BLEND  # task 0's FiLM adapter gives (1-b) x + b FiLM(x): 0.1 mostly the raw features, 1.0 LayerNorm'ed like later tasks
     adapter_logdet: bool = False    # add the adapter's per-channel log-scale to the log-det (shrinking the input no longer lowers the NLL)
     expert_adapter_norm: str = 'patch'  # how a later task's FiLM adapter normalises: 'patch' (LayerNorm), 'channel' (the task's channel statistics), 'mix', 'base' (channels moved onto task 0's statistics)
     pos_embed: bool = True          # 2-D sinusoidal positional embedding
@@ -205,9 +205,9 @@ class MoLEConfig:
         if self.expert_adapter_norm != 'patch' and self.adapter != 'film':
             raise ValueError(f"config field 'expert_adapter_norm'={self.expert_adapter_norm!r} is an option of the FiLM adapter; "
                              f"set adapter='film' or expert_adapter_norm='patch' (adapter={self.adapter!r})")
-        if self.task0_adapter_blend != 0.1 and self.adapter != 'film':
+        if self.task0_adapter_blend != TASK0_FILM_BLEND and self.adapter != 'film':
             raise ValueError(f"config field 'task0_adapter_blend'={self.task0_adapter_blend} is an option of the FiLM adapter; "
-                             f"set adapter='film' or task0_adapter_blend=0.1 (adapter={self.adapter!r})")
+                             f"set adapter='film' or task0_adapter_blend={TASK0_FILM_BLEND} (adapter={self.adapter!r})")
         if self.no_lora and self.adapter == 'none' and self.dia_blocks == 0:
             raise ValueError("config: no_lora with adapter='none' and dia_blocks=0 leaves tasks > 0 nothing to train; "
                              "keep an adapter or set dia_blocks > 0")
