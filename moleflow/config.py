@@ -46,7 +46,7 @@ def _ablated(cfg) -> dict:
     "The fields that `cfg`'s switched-on ablations turn off, with the values they take (`no_lora` has none: the flow reads it)."
     out = {}
     if cfg.no_router: out['router'] = 'oracle'
-    if cfg.no_adapter: out.update(adapter='none', expert_adapter_norm='patch', task0_adapter_blend=TASK0_FILM_BLEND)
+    if cfg.no_adapter: out.update(adapter='none', expert_adapter_norm='patch', task0_adapter_blend=TASK0_FILM_BLEND, moment_density=False)
     if cfg.no_pos_embed: out['pos_embed'] = False
     if cfg.no_spatial_context: out.update(spatial_mixer=False, cross_patch_context='none')
     if cfg.no_scale_context and cfg.subnet_type == 'context': out['subnet_type'] = 'mlp'
@@ -84,6 +84,7 @@ class MoLEConfig:
     task0_adapter_blend: float = TASK0_FILM_BLEND  # task 0's FiLM adapter gives (1-b) x + b FiLM(x): 0.1 mostly the raw features, 1.0 LayerNorm'ed like later tasks
     adapter_logdet: bool = False    # add the adapter's per-channel log-scale to the log-det (shrinking the input no longer lowers the NLL)
     expert_adapter_norm: str = 'patch'  # how a later task's FiLM adapter normalises: 'patch' (LayerNorm), 'channel' (the task's channel statistics), 'mix', 'base' (channels moved onto task 0's statistics)
+    moment_density: bool = False    # per position, a Gaussian of each patch's channel mean and log-std (what a LayerNorm'ed adapter removes), its NLL added to the flow's (01's MomentDensity)
     pos_embed: bool = True          # 2-D sinusoidal positional embedding
     pos_embed_scale: float = 1.0    # its multiplier: the embedding's channels lie in [-1, 1], raw lite0 channels spread ~3
     spatial_mixer: bool = False     # depthwise residual context mixer before the flow
@@ -205,6 +206,9 @@ class MoLEConfig:
         if self.expert_adapter_norm != 'patch' and self.adapter != 'film':
             raise ValueError(f"config field 'expert_adapter_norm'={self.expert_adapter_norm!r} is an option of the FiLM adapter; "
                              f"set adapter='film' or expert_adapter_norm='patch' (adapter={self.adapter!r})")
+        if self.moment_density and self.adapter != 'film':
+            raise ValueError(f"config field 'moment_density' models the patch moments that the FiLM adapter's LayerNorm removes; "
+                             f"set adapter='film' or moment_density=False (adapter={self.adapter!r})")
         if self.task0_adapter_blend != TASK0_FILM_BLEND and self.adapter != 'film':
             raise ValueError(f"config field 'task0_adapter_blend'={self.task0_adapter_blend} is an option of the FiLM adapter; "
                              f"set adapter='film' or task0_adapter_blend={TASK0_FILM_BLEND} (adapter={self.adapter!r})")

@@ -166,7 +166,7 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
 @patch
 @torch.inference_mode()
 def nll_maps(self: ContinualTrainer, feats: torch.Tensor, tasks) -> torch.Tensor:
-    "Per-patch NLL `(N,H,W)` of features `feats (N,H,W,D)`, each image through the expert of its task in `tasks`."
+    "Per-patch NLL `(N,H,W)` of features `feats (N,H,W,D)`, each image through the expert of its task in `tasks` (plus the task's patch-moment NLL, `moment_density`)."
     tasks = torch.as_tensor(tasks).long().reshape(-1)
     if len(tasks) != len(feats): raise ValueError(f"tasks must hold one task id per image ({len(feats)}), got {len(tasks)}")
     for t in tasks.unique().tolist(): self._check_task(int(t))
@@ -178,7 +178,8 @@ def nll_maps(self: ContinualTrainer, feats: torch.Tensor, tasks) -> torch.Tensor
         for i in range(0, len(idx), bs):
             j = idx[i:i + bs]
             z, logdet = self.flow(feats[j], task=int(t))
-            out[j] = patch_nll(z, logdet)
+            nll, moments = patch_nll(z, logdet), self.flow.moment_nll(feats[j], int(t))
+            out[j] = nll if moments is None else nll + moments
     return out
 
 @patch
