@@ -84,7 +84,7 @@ class MoLEConfig:
     task0_adapter_blend: float = TASK0_FILM_BLEND  # task 0's FiLM adapter gives (1-b) x + b FiLM(x): 0.1 mostly the raw features, 1.0 LayerNorm'ed like later tasks
     adapter_logdet: bool = False    # add the adapter's per-channel log-scale to the log-det (shrinking the input no longer lowers the NLL)
     expert_adapter_norm: str = 'patch'  # how a later task's FiLM adapter normalises: 'patch' (LayerNorm), 'channel' (the task's channel statistics), 'mix', 'base' (channels moved onto task 0's statistics)
-    moment_density: bool = False    # per position, a Gaussian of each patch's channel mean and log-std (what a LayerNorm'ed adapter removes), its NLL added to the flow's (01's MomentDensity)
+    moment_density: bool = True     # per position, a Gaussian of each patch's channel mean and log-std (what a LayerNorm'ed adapter removes), its NLL added to the flow's (01's MomentDensity)
     pos_embed: bool = True          # 2-D sinusoidal positional embedding
     pos_embed_scale: float = 1.0    # its multiplier: the embedding's channels lie in [-1, 1], raw lite0 channels spread ~3
     spatial_mixer: bool = False     # depthwise residual context mixer before the flow
@@ -232,8 +232,8 @@ def _type_name(hint) -> str:
     return ' or '.join('None' if t is type(None) else t.__name__ for t in (typing.get_args(hint) or (hint,)))
 
 # %% ../nbs/08_config.ipynb #308f271c
-_EARLY = dict(tail_weight=0.0, logdet_reg=0.0, score_aggregation='max', score_param=None,   # before main's loss and score
-              expert_rank=0)                                                               # and its later-task experts
+_EARLY = dict(tail_weight=0.0, logdet_reg=0.0, score_aggregation='max', score_param=None,   # before main's loss and score,
+              expert_rank=0, moment_density=False)                                         # its later-task experts and moments
 _V1 = dict(_EARLY, subnet_type='mlp', adapter='instance_norm', task0_expert=False, lora_scaling='alpha/(2*rank)')
 _V2 = dict(_V1, task0_expert=True, lora_scaling='alpha/rank')
 _V3 = dict(_V2, adapter='film')
@@ -255,7 +255,8 @@ PRESETS: dict[str, dict] = {
     # the original implementation's main configuration (MoLE6 + DIA2) for a GPU and the full MVTec AD: needs WideResNet-50 weights
     'paper': dict(backbone='wide_resnet50_2', feature_dim=768, num_coupling_layers=6, dia_blocks=2, epochs=60, lr=3e-4,
                   lora_rank=64, lora_alpha=64.0, batch_size=16, adapter='whitening', tail_weight=0.7, tail_top_k_ratio=0.02,
-                  score_aggregation='top_k', score_param=3, logdet_reg=1e-4, context_kernel=5, expert_rank=0),
+                  score_aggregation='top_k', score_param=3, logdet_reg=1e-4, context_kernel=5, expert_rank=0,
+                  moment_density=False),
 }
 VERSIONS = ('v1', 'v2', 'v3', 'v4', 'v4.1', 'v5', 'v6', 'v7', 'baseline_1.5', 'baseline_2.0', 'main')
 
@@ -320,7 +321,7 @@ def save_config(cfg: MoLEConfig, path):
     atomic_write_text(path, text)
 
 # a field whose default changed after it was added: a config saved before the field existed ran at this value
-PRE_FIELD_VALUES = {'expert_rank': 0}
+PRE_FIELD_VALUES = {'expert_rank': 0, 'moment_density': False}
 
 def load_config(path, saved:bool=False) -> MoLEConfig:
     "Load a config written by hand (a missing key takes its default) or, `saved=True`, by `save_config` (a missing key predates its field: `PRE_FIELD_VALUES`), checking keys and types."
