@@ -138,3 +138,20 @@ def test_a_trainer_with_larger_later_experts_saves_and_loads():
     again = ContinualTrainer(cfg, progress=False).load_state_dict(tr.state_dict())
     x = toy_feats(3, shift=1, seed=9)
     assert torch.equal(tr.nll_maps(x, [1] * 3), again.nll_maps(x, [1] * 3))
+
+
+def test_patch_moments_are_scored_and_saved():
+    "moment_density: a patch scaled by 3 looks the same to a LayerNorm'ed later task's flow; only its moments' NLL tells it apart, and it saves and loads."
+    from moleflow.testing import tiny_config, toy_feats
+    def trained(on):
+        tr = ContinualTrainer(tiny_config(epochs=1, batch_size=4, moment_density=on), progress=False)
+        for t in range(2): tr.train_task(toy_feats(6, shift=t, seed=t), classes=[f'c{t}'] * 6, task_name=f'c{t}')
+        return tr
+    x = toy_feats(3, shift=1, seed=9); y = x.clone(); y[:, 2, 2] *= 3
+    plain, with_moments = trained(False), trained(True)
+    gap = lambda tr: (tr.nll_maps(y, [1] * 3) - tr.nll_maps(x, [1] * 3))[:, 2, 2]
+    assert gap(plain).abs().max() < 1e-3                       # LayerNorm divides the scale out
+    assert (gap(with_moments) > 5).all(), gap(with_moments)    # the moments' density does not
+    assert torch.equal(plain.nll_maps(x, [0] * 3), with_moments.nll_maps(x, [0] * 3))   # task 0 keeps its raw features
+    again = ContinualTrainer(with_moments.cfg, progress=False).load_state_dict(with_moments.state_dict())
+    assert torch.equal(again.nll_maps(y, [1] * 3), with_moments.nll_maps(y, [1] * 3))
