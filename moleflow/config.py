@@ -16,8 +16,8 @@ from .router import PrototypeRouter
 from .evaluation import AGGREGATIONS
 
 # %% auto #0
-__all__ = ['CHOICES', 'ABLATIONS', 'PRESETS', 'VERSIONS', 'PRE_FIELD_VALUES', 'MoLEConfig', 'get_preset', 'check_keys',
-           'parse_overrides', 'make_config', 'save_config', 'load_config']
+__all__ = ['CHOICES', 'ABLATIONS', 'FILM_ONLY', 'PRESETS', 'VERSIONS', 'PRE_FIELD_VALUES', 'MoLEConfig', 'get_preset',
+           'check_keys', 'parse_overrides', 'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/08_config.ipynb #50df296c
 CHOICES = dict(          # each read from the module that implements it
@@ -42,11 +42,14 @@ ABLATIONS = dict(
     no_logdet_reg='no log-det regularisation: logdet_reg=0',
 )
 
+# options of the FiLM adapter alone, each at the value that leaves it off: another adapter needs them there, no_adapter sets them so
+FILM_ONLY = dict(expert_adapter_norm='patch', task0_adapter_blend=TASK0_FILM_BLEND, moment_density=False)
+
 def _ablated(cfg) -> dict:
     "The fields that `cfg`'s switched-on ablations turn off, with the values they take (`no_lora` has none: the flow reads it)."
     out = {}
     if cfg.no_router: out['router'] = 'oracle'
-    if cfg.no_adapter: out.update(adapter='none', expert_adapter_norm='patch', task0_adapter_blend=TASK0_FILM_BLEND, moment_density=False)
+    if cfg.no_adapter: out.update(adapter='none', **FILM_ONLY)
     if cfg.no_pos_embed: out['pos_embed'] = False
     if cfg.no_spatial_context: out.update(spatial_mixer=False, cross_patch_context='none')
     if cfg.no_scale_context and cfg.subnet_type == 'context': out['subnet_type'] = 'mlp'
@@ -203,15 +206,10 @@ class MoLEConfig:
             raise ValueError(f"config field 'context_kernel' must be >= 3 for a cross-patch neighbourhood, got {self.context_kernel}")
         if self.lora_grid and self.subnet_type != 'cross_patch':
             raise ValueError(f"config field 'lora_grid' > 0 needs subnet_type='cross_patch', got subnet_type={self.subnet_type!r}")
-        if self.expert_adapter_norm != 'patch' and self.adapter != 'film':
-            raise ValueError(f"config field 'expert_adapter_norm'={self.expert_adapter_norm!r} is an option of the FiLM adapter; "
-                             f"set adapter='film' or expert_adapter_norm='patch' (adapter={self.adapter!r})")
-        if self.moment_density and self.adapter != 'film':
-            raise ValueError(f"config field 'moment_density' models the patch moments that the FiLM adapter's LayerNorm removes; "
-                             f"set adapter='film' or moment_density=False (adapter={self.adapter!r})")
-        if self.task0_adapter_blend != TASK0_FILM_BLEND and self.adapter != 'film':
-            raise ValueError(f"config field 'task0_adapter_blend'={self.task0_adapter_blend} is an option of the FiLM adapter; "
-                             f"set adapter='film' or task0_adapter_blend={TASK0_FILM_BLEND} (adapter={self.adapter!r})")
+        for name, off in FILM_ONLY.items():
+            if self.adapter != 'film' and getattr(self, name) != off:
+                raise ValueError(f"config field {name!r}={getattr(self, name)!r} is an option of the FiLM adapter; "
+                                 f"set adapter='film' or {name}={off!r} (adapter={self.adapter!r})")
         if self.no_lora and self.adapter == 'none' and self.dia_blocks == 0:
             raise ValueError("config: no_lora with adapter='none' and dia_blocks=0 leaves tasks > 0 nothing to train; "
                              "keep an adapter or set dia_blocks > 0")
