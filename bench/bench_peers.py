@@ -11,7 +11,8 @@ Methods, each on every class of every data set:
   moleflow-oracle   the same trained model, the true task id instead of the router;
   patchcore         anomalib 2.x PatchCore, one model per class, coreset 1 % on CPU (--coreset-ratio; 10 % with --full);
   patchcore-0.1     the same at anomalib's default coreset ratio 0.1 (the accuracy target of moleflow's defaults);
-  fastflow, cflow   anomalib 2.x, one model per class (the non-continual references).
+  fastflow, cflow   anomalib 2.x, one model per class (the non-continual references), each trained for the wall-clock
+                    time moleflow took on the same class (--peer-budget moleflow-time; --peer-budget epochs for fixed epochs).
 Data sets: the MVTec subset (one continual run over its classes), the generated default set (the demo's order), and
 `bsdata`'s ball screw class trained as the second task after hazelnut (a folder of links to both class folders).
 Every method sees the same tensors: moleflow's loader (resize, centre crop) and the efficientnet_lite0 weights of
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / 'shared' / 'data' / 'mvtec_subset'
 DEFAULT_BSDATA = ROOT.parent / 'shared' / 'data' / 'bsdata'
 PEERS = ('patchcore', 'patchcore-0.1', 'fastflow', 'cflow')
+TIMED_PEERS = ('fastflow', 'cflow')   # the trained flows: with --peer-budget moleflow-time each gets moleflow's time on the class
 METHODS = ('moleflow', 'moleflow-oracle') + PEERS
 # lite0 stages (timm feature_info): 0 blocks.0 /2, 1 blocks.1 /4, 2 blocks.2 /8, 3 blocks.4 /16, 4 blocks.6 /32.
 # Each peer taps the lite0 stages at the strides its paper taps on its own backbone; moleflow taps /8 and /16.
@@ -45,17 +47,23 @@ def parse_args(argv=None):
     ap.add_argument('--image-size', type=int, default=256, help='resize (square) before the centre crop')
     ap.add_argument('--crop-size', type=int, default=224, help='the input size every method sees')
     ap.add_argument('--epochs', type=int, default=None, help="moleflow epochs per task (default: the config's, 25)")
-    ap.add_argument('--fastflow-epochs', type=int, default=5, help='anomalib FastFlow epochs (paper: 500; CPU default 5)')
-    ap.add_argument('--cflow-epochs', type=int, default=2, help='anomalib CFlow epochs (anomalib default 50; CPU default 2)')
+    ap.add_argument('--peer-budget', default='moleflow-time', choices=['moleflow-time', 'epochs'],
+                    help="training budget of FastFlow and CFlow: 'moleflow-time' (default) trains each for the wall-clock time moleflow "
+                         "took on the same class (feature extraction + its task's training), 'epochs' for --fastflow-epochs / --cflow-epochs")
+    ap.add_argument('--fastflow-epochs', type=int, default=5, help="anomalib FastFlow epochs with --peer-budget epochs (paper: 500; CPU default 5)")
+    ap.add_argument('--cflow-epochs', type=int, default=2, help="anomalib CFlow epochs with --peer-budget epochs (anomalib default 50; CPU default 2)")
     ap.add_argument('--coreset-ratio', type=float, default=None, help='PatchCore coreset sampling ratio (default 0.01, the paper\'s PatchCore-1%%, on CPU; 0.1, anomalib\'s default, with --full)')
     ap.add_argument('--batch-size', type=int, default=8, help='training and inference batch of the peers; timing batch of all')
-    ap.add_argument('--full', action='store_true', help='full settings (GPU): moleflow default epochs, FastFlow 500, CFlow 50')
+    ap.add_argument('--full', action='store_true', help='full settings (GPU): moleflow default epochs, FastFlow 500, CFlow 50 (--peer-budget epochs)')
     ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     ap.add_argument('--out-dir', default=str(ROOT / 'runs' / 'bench'), help='runs, caches, HF_HOME (not committed)')
     ap.add_argument('--results', default=str(ROOT / 'bench' / 'results'), help='prefix of the .json/.md/.png results')
     ap.add_argument('--features-json', default=str(ROOT / 'bench' / 'results_features.json'), help='bench_features.py output to include')
     a = ap.parse_args(argv)
-    if a.full: a.fastflow_epochs, a.cflow_epochs = max(a.fastflow_epochs, 500), max(a.cflow_epochs, 50)
+    if a.full: a.fastflow_epochs, a.cflow_epochs, a.peer_budget = max(a.fastflow_epochs, 500), max(a.cflow_epochs, 50), 'epochs'
+    if a.peer_budget == 'moleflow-time' and any(m in a.methods for m in TIMED_PEERS) and 'moleflow' not in a.methods:
+        ap.error("--peer-budget moleflow-time gives FastFlow and CFlow moleflow's training time per class: "
+                 "add 'moleflow' to --methods, or use --peer-budget epochs")
     if a.coreset_ratio is None: a.coreset_ratio = 0.1 if a.full else 0.01   # anomalib's greedy coreset at 10 % takes minutes per class on 1 CPU core
     return a
 
@@ -287,19 +295,37 @@ def backbone_check(model, prefix, x01):
     diffs = [float((g - want[g.shape[1]]).abs().max()) for g in got if g.shape[1] in want]
     return max(diffs) if diffs else None
 
-def run_peer(method, c, tr, te, a, bar):
+def peer_budget(method, a, moleflow_train_s=None) -> dict:
+    "Lightning stopping arguments of `method`: one epoch (PatchCore), moleflow's time on the class (`max_time`, FastFlow/CFlow with --peer-budget moleflow-time) or a fixed number of epochs."
+    import datetime
+    if method not in TIMED_PEERS: return dict(max_epochs=1)
+    if a.peer_budget == 'epochs': return dict(max_epochs={'fastflow': a.fastflow_epochs, 'cflow': a.cflow_epochs}[method])
+    if moleflow_train_s is None or not moleflow_train_s > 0:
+        raise ValueError(f"--peer-budget moleflow-time: no moleflow training time for {method}'s class (got {moleflow_train_s!r})")
+    return dict(max_epochs=-1, max_time=datetime.timedelta(seconds=float(moleflow_train_s)))
+
+def BatchCount():
+    "A Lightning callback counting the training batches a fit ran (CFlow takes several optimizer steps per batch, so `global_step` would not do)."
+    from lightning.pytorch.callbacks import Callback
+    class _BatchCount(Callback):
+        n = 0
+        def on_train_batch_end(self, *args, **kw): self.n += 1
+    return _BatchCount()
+
+def run_peer(method, c, tr, te, a, bar, moleflow_train_s=None):
     import torch
     from anomalib.engine import Engine
     torch.manual_seed(0)
     with PeakRSS() as mem:
         model, bb = build_peer(method, a)
-        epochs = {'patchcore': 1, 'patchcore-0.1': 1, 'fastflow': a.fastflow_epochs, 'cflow': a.cflow_epochs}[method]
-        eng = Engine(default_root_dir=str(Path(a.out_dir) / 'anomalib' / method / c), logger=False, max_epochs=epochs,
+        budget, batches = peer_budget(method, a, moleflow_train_s), BatchCount()
+        eng = Engine(default_root_dir=str(Path(a.out_dir) / 'anomalib' / method / c), logger=False, **budget, callbacks=[batches],
                      accelerator='gpu' if a.device.startswith('cuda') else 'cpu', devices=1, enable_progress_bar=True,
                      enable_model_summary=False, deterministic=False)
         t0 = time.perf_counter()
         eng.fit(model, train_dataloaders=loader(tr, a, True), val_dataloaders=loader(te, a, False))  # anomalib's MVTec default: val = test
         train_s = time.perf_counter() - t0
+        epochs = batches.n / max(1, len(loader(tr, a, True)))   # a fraction when the time budget ended an epoch
         own = eng.test(model, dataloaders=loader(te, a, False), verbose=False)[0]
         model.eval(); net = model.model.to(a.device).eval()
         def fn(xb):
@@ -313,7 +339,7 @@ def run_peer(method, c, tr, te, a, bar):
     sd = net.state_dict()
     added = sum(v.numel() for k, v in sd.items() if not k.startswith(bb + '.'))
     r.update(train_s=train_s, infer_ms=ms, peak_rss_mb=mem.peak_mb, rss_delta_mb=mem.delta_mb, params_added=int(added),
-             epochs=epochs, anomalib={k.lower(): float(v) for k, v in own.items()},
+             epochs=epochs, train_batches=batches.n, budget_s=budget['max_time'].total_seconds() if 'max_time' in budget else None, anomalib={k.lower(): float(v) for k, v in own.items()},
              backbone_max_abs_diff=backbone_check(model, bb, te['images'][:2]),
              maps=maps, images=te['images'], masks=te['masks'], labels=te['labels'])
     bar.update(1)
@@ -324,6 +350,14 @@ def run_peer(method, c, tr, te, a, bar):
 
 COLS = ('image_auroc', 'pixel_auroc', 'pixel_ap', 'aupro')
 AN_KEYS = {'image_auroc': 'image_auroc', 'pixel_auroc': 'pixel_auroc', 'pixel_ap': 'pixel_aupr', 'aupro': 'pixel_aupro'}
+
+def peer_budget_text(method, a, rows) -> str:
+    "The settings table's words for a trained peer's budget, with the epochs it reached per class under a time budget."
+    if a.peer_budget == 'epochs':
+        return f"**{getattr(a, method + '_epochs')} epoch(s)**, fixed (`--peer-budget epochs`; paper/anomalib default {500 if method == 'fastflow' else 50})"
+    reached = ', '.join(f"{c} {r['epochs']:.1f}" for (d, m, c), r in rows.items() if m == method)
+    return (f"**moleflow's wall-clock time on each class** (its feature extraction + that task's training; Lightning `max_time`, "
+            f"anomalib's per-epoch validation included); epochs reached: {reached or '—'}")
 
 def ratios(rows):
     "Per (data set, class): every method's cost and pixel AUROC divided by PatchCore's."
@@ -509,7 +543,8 @@ def main(argv=None):
             tr, te = load_split(ds_cls, root, c, 'train', a), load_split(ds_cls, root, c, 'test', a)
             for m in peers:
                 bar.set_description(f'{ds_name} {m} {c}')
-                try: rows[(ds_name, m, c)] = run_peer(m, c, tr, te, a, bar)
+                mole_s = rows[(ds_name, 'moleflow', c)]['train_s'] if (ds_name, 'moleflow', c) in rows else None
+                try: rows[(ds_name, m, c)] = run_peer(m, c, tr, te, a, bar, moleflow_train_s=mole_s)
                 except Exception as e:   # report, keep going: one failing peer must not lose the run
                     import traceback; traceback.print_exc()
                     print(f"!! {m} on {ds_name}/{c} failed: {type(e).__name__}: {e}")
@@ -525,7 +560,7 @@ def main(argv=None):
     features = json.loads(Path(a.features_json).read_text()) if Path(a.features_json).is_file() else None
     import anomalib
     diffs = [r['backbone_max_abs_diff'] for r in rows.values() if r.get('backbone_max_abs_diff') is not None]
-    settings = dict(image_size=a.image_size, crop_size=a.crop_size, batch_size=a.batch_size, fastflow_epochs=a.fastflow_epochs,
+    settings = dict(image_size=a.image_size, crop_size=a.crop_size, batch_size=a.batch_size, peer_budget=a.peer_budget, fastflow_epochs=a.fastflow_epochs,
                     cflow_epochs=a.cflow_epochs, coreset_ratio=a.coreset_ratio, moleflow_epochs=a.epochs or 25,
                     moleflow_config=next(iter(runs.values()))['config'] if runs else None)
     method_settings = {
@@ -539,9 +574,9 @@ def main(argv=None):
         'patchcore-0.1': f"the same at **coreset 0.1** (anomalib's default; the accuracy target of moleflow's defaults)",
         'fastflow': f"anomalib Fastflow **adapted by subclassing** (`Lite0Fastflow`/`Lite0FastflowModel`: FastFlow only accepts "
                     f"resnet18 / wide_resnet50_2 / cait / deit), lite0 out_indices {PEER_LAYERS['fastflow']} (/4, /8, /16), 8 flow steps, "
-                    f"**{a.fastflow_epochs} epochs** (paper 500; modest for a 2-core CPU)",
+                    + peer_budget_text('fastflow', a, rows),
         'cflow': f"anomalib Cflow, lite0 {PEER_LAYERS['cflow']} (/8, /16, /32), fiber batch 64, 8 coupling blocks, "
-                 f"**{a.cflow_epochs} epoch(s)** (anomalib default 50; modest for a 2-core CPU)"}
+                 + peer_budget_text('cflow', a, rows)}
     res = dict(meta=dict(date=time.strftime('%Y-%m-%dT%H:%M:%S'), machine=platform.platform(), cpus=os.cpu_count(),
                          torch=torch.__version__, threads=torch.get_num_threads(), anomalib=anomalib.__version__,
                          device=a.device, wall_s=time.perf_counter() - t_start, settings=settings, method_settings=method_settings,

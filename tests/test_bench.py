@@ -4,6 +4,7 @@ The offline hub cache entry that `bench/lite0_hub.py` writes must make timm's pr
 load exactly the weights moleflow's extractor uses, so that peers and moleflow see the same features.
 """
 import json, os, subprocess, sys, textwrap
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,15 @@ def test_bench_script_parses_without_anomalib(repo_root):
         assert a.bsdata and bp.coreset_ratio('patchcore-0.1', a) == 0.1 and bp.coreset_ratio('patchcore', a) == 0.01
         f = bp.parse_args(['--full', '--device', 'cuda'])
         assert f.fastflow_epochs >= 500 and f.cflow_epochs >= 50 and f.coreset_ratio == 0.1 and a.coreset_ratio == 0.01
+        # the trained peers get moleflow's wall-clock time on the class by default; fixed epochs on request and with --full
+        assert a.peer_budget == 'moleflow-time' and f.peer_budget == 'epochs'
+        assert bp.peer_budget('patchcore-0.1', a, 30.0) == dict(max_epochs=1)
+        b = bp.peer_budget('cflow', a, 12.5)
+        assert b['max_epochs'] == -1 and b['max_time'].total_seconds() == 12.5
+        assert bp.peer_budget('fastflow', f) == dict(max_epochs=f.fastflow_epochs)
+        with pytest.raises(ValueError, match='no moleflow training time'): bp.peer_budget('fastflow', a, None)
+        with pytest.raises(SystemExit): bp.parse_args(['--methods', 'fastflow'])   # nothing to take the time budget from
+        assert bp.parse_args(['--methods', 'fastflow', '--peer-budget', 'epochs']).peer_budget == 'epochs'
         assert 'anomalib' not in sys.modules
     finally: sys.path.remove(str(repo_root / 'bench'))
 
