@@ -69,11 +69,12 @@ $(BENCH_STAMP): $(STAMP) settings.ini setup.py constraints.txt
 
 bench-install: $(BENCH_STAMP)
 
-# feature-cache ratio, the roofline of a training step and a scoring pass (bench/roofline.{md,json}), then moleflow vs anomalib PatchCore/FastFlow/CFlow in one process: bench/results.{md,json,png};
+# feature-cache ratio, the roofline of a training step and a scoring pass (bench/roofline.{md,json}), scoring time vs training-set size (bench/results_scaling.{md,json,png}), then moleflow vs anomalib PatchCore/FastFlow/CFlow in one process: bench/results.{md,json,png};
 # then parallel vs serial (train --workers 2, sweep local:2): bench/results_parallel.{md,json}
 bench: export bench-install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(BIN)/python bench/bench_features.py
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(BIN)/python bench/roofline.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(BIN)/python bench/bench_scaling.py
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(BIN)/python bench/bench_peers.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_parallel.py
 

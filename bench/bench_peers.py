@@ -451,7 +451,9 @@ def write_markdown(res, path):
     L += ['', 'anomalib scores the post-processed (min-max normalised, validation = test split as in its MVTec default) maps of its '
           'Lightning test loop; moleflow scores the raw maps of the timed inference loop. Both are rank metrics, so they agree up to '
           'moleflow\'s histogram binning (2^18 levels) and anomalib\'s clamping to [0, 1]. Image AUROC uses each method\'s own image score.',
-          '', f"Profiling of moleflow's training step and inference path, before/after: [PROFILE.md](PROFILE.md).",
+          '', f"Profiling of moleflow's training step and inference path, before/after: [PROFILE.md](PROFILE.md); the roofline of a "
+              f"training step and a scoring pass: [roofline.md](roofline.md); scoring time vs training-set size against PatchCore's "
+              f"memory bank: [results_scaling.md](results_scaling.md).",
           '', '![results](results.png)', '']
     from moleflow.files import atomic_write_text
     atomic_write_text(path, '\n'.join(L))

@@ -152,3 +152,20 @@ def test_roofline_times_presets_against_the_first(repo_root, monkeypatch):
                       'feature_dim': 1, 'blocks': 1, 'batch': 1, 'real_features': False, 'peak_shape': '1', 'peak_gflops': 1.0,
                       'passes': [], 'presets': rows})
     assert md.count('| fast |') == 2 and 'against `fast`' in md
+
+def test_scaling_crossover_and_measure(repo_root, tmp_path):
+    "bench/bench_scaling.py: the crossover interpolates on a log scale (none when PatchCore stays faster), every bank is timed at every size, and the report names each crossover."
+    sys.path.insert(0, str(repo_root / 'bench'))
+    try:
+        import bench_scaling as bs
+        assert bs.crossover([10, 100], [1.0, 4.0], [2.0, 2.0]) == pytest.approx(10 ** 1.5)   # log(t) crosses half-way in log(N)
+        assert bs.crossover([10, 100], [3.0, 4.0], [2.0, 2.0]) == 10.0 and bs.crossover([10, 100], [1.0, 1.5], [2.0, 2.0]) is None
+        res = bs.measure([2, 8], grid=4, dim=8, moleflow_s=1e9, backbone_s=1.0, n_test=2, repeat=1, chunk=16)
+        assert set(res['patchcore_s']) == set(bs.RATIOS) and all(len(v) == 2 and min(v) > 0 for v in res['patchcore_s'].values())
+        assert all(v is None for v in res['crossover_images'].values())   # a "flow" of 1e9 s per image is never slower than a search
+        res.update(date='d', machine='m', threads=1, torch='t', code={'commit': None, 'dirty': False}, load_average_1min=0.0,
+                   dim=8, grid=4, n_test=2, repeat=1)
+        md = bs.to_markdown(res)
+        assert 'none up to N = 8' in md and '| 8 |' in md
+        bs.write_figure(res, tmp_path / 'f.png'); assert (tmp_path / 'f.png').stat().st_size > 0
+    finally: sys.path.remove(str(repo_root / 'bench'))
