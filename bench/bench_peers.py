@@ -2,7 +2,7 @@
 
 Run from the repository root (`make bench` installs the `[bench]` extra first):
 
-    .venv/bin/python bench/bench_peers.py                      # CPU settings of `make bench` (about 30 min on 2 cores)
+    .venv/bin/python bench/bench_peers.py                      # CPU settings of `make bench` (FastFlow and CFlow each train as long as moleflow: about 3x moleflow's training time in all)
     .venv/bin/python bench/bench_peers.py --full --device cuda # full settings for a GPU (see --help)
     .venv/bin/python bench/bench_peers.py --data-root /data/mvtec --classes bottle cable ... --no-generated
 
