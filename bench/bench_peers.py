@@ -304,13 +304,13 @@ def peer_budget(method, a, moleflow_train_s=None) -> dict:
         raise ValueError(f"--peer-budget moleflow-time: no moleflow training time for {method}'s class (got {moleflow_train_s!r})")
     return dict(max_epochs=-1, max_time=datetime.timedelta(seconds=float(moleflow_train_s)))
 
-def BatchCount():
+def batch_counter():
     "A Lightning callback counting the training batches a fit ran (CFlow takes several optimizer steps per batch, so `global_step` would not do)."
     from lightning.pytorch.callbacks import Callback
     class _BatchCount(Callback):
         n = 0
         def on_train_batch_end(self, *args, **kw): self.n += 1
-    return _BatchCount()
+    return _batch_counter()
 
 def run_peer(method, c, tr, te, a, bar, moleflow_train_s=None):
     import torch
@@ -318,7 +318,7 @@ def run_peer(method, c, tr, te, a, bar, moleflow_train_s=None):
     torch.manual_seed(0)
     with PeakRSS() as mem:
         model, bb = build_peer(method, a)
-        budget, batches = peer_budget(method, a, moleflow_train_s), BatchCount()
+        budget, batches = peer_budget(method, a, moleflow_train_s), batch_counter()
         eng = Engine(default_root_dir=str(Path(a.out_dir) / 'anomalib' / method / c), logger=False, **budget, callbacks=[batches],
                      accelerator='gpu' if a.device.startswith('cuda') else 'cpu', devices=1, enable_progress_bar=True,
                      enable_model_summary=False, deterministic=False)
