@@ -310,7 +310,7 @@ def batch_counter():
     class _BatchCount(Callback):
         n = 0
         def on_train_batch_end(self, *args, **kw): self.n += 1
-    return _batch_counter()
+    return _BatchCount()
 
 def run_peer(method, c, tr, te, a, bar, moleflow_train_s=None):
     import torch
