@@ -323,9 +323,10 @@ def run_peer(method, c, tr, te, a, bar, moleflow_train_s=None):
                      accelerator='gpu' if a.device.startswith('cuda') else 'cpu', devices=1, enable_progress_bar=True,
                      enable_model_summary=False, deterministic=False)
         t0 = time.perf_counter()
-        eng.fit(model, train_dataloaders=loader(tr, a, True), val_dataloaders=loader(te, a, False))  # anomalib's MVTec default: val = test
+        train_loader = loader(tr, a, True)
+        eng.fit(model, train_dataloaders=train_loader, val_dataloaders=loader(te, a, False))  # anomalib's MVTec default: val = test
         train_s = time.perf_counter() - t0
-        epochs = batches.n / max(1, len(loader(tr, a, True)))   # a fraction when the time budget ended an epoch
+        epochs = batches.n / max(1, len(train_loader))   # a fraction when the time budget ended an epoch
         own = eng.test(model, dataloaders=loader(te, a, False), verbose=False)[0]
         model.eval(); net = model.model.to(a.device).eval()
         def fn(xb):

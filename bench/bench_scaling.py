@@ -23,16 +23,10 @@ sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / 'bench'))
 from moleflow.config import make_config
 from moleflow.diagnosis import code_version, nn_distance_maps
 from moleflow.files import atomic_write_text
+from roofline import best_seconds
 
 RATIOS = {'patchcore (full bank)': 1.0, 'patchcore-0.1': 0.1, 'patchcore (coreset 0.01)': 0.01}
 LARGEST_CLASS = 568   # training images of bsdata's ball_screw, the largest class in ../shared/data
-
-def best_seconds(fn, repeat:int) -> float:
-    "The best of `repeat` timed calls of `fn` after one untimed call."
-    fn(); best = float('inf')
-    for _ in range(repeat):
-        t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
-    return best
 
 def nn_seconds_per_image(n_images:int, ratio:float, grid:int, dim:int, queries:torch.Tensor, repeat:int, chunk:int) -> float:
     "Seconds per test image of nearest-neighbour scoring against a bank of `ratio` of `n_images` x grid x grid patches."
@@ -64,7 +58,7 @@ def to_markdown(res:dict) -> str:
     L = ['# Scoring time vs training-set size (issue 16)\n',
          f"{res['date']}, {res['machine']}; {res['threads']} thread(s); torch {res['torch']}; code {(res['code']['commit'] or 'unknown')[:7]}"
          f"{' (dirty)' if res['code']['dirty'] else ''}; load average {res['load_average_1min']:.1f} at the start. "
-         f"Default config (D={res['dim']}, {res['grid']}x{res['grid']} patches per image), batches of {res['n_test']} test images, best of {res['repeat']}.\n",
+         f"Default config (D={res['dim']}, {res['grid']}x{res['grid']} patches per image), batches of {res['n_test']} test images, best of {res['repeat']} rounds.\n",
          "Milliseconds per test image. moleflow's scoring (router + flow through task 1's expert) does not depend on the "
          "training set's size; PatchCore's nearest-neighbour search grows with its memory bank (N images x patches x coreset ratio). "
          "The backbone, the same for both, is measured apart.\n",
