@@ -803,4 +803,5 @@ d = { 'settings': { 'branch': 'main',
                                   'moleflow.trainer.context_record': ('continual_trainer.html#context_record', 'moleflow/trainer.py'),
                                   'moleflow.trainer.flow_loss': ('continual_trainer.html#flow_loss', 'moleflow/trainer.py'),
                                   'moleflow.trainer.lr_factor': ('continual_trainer.html#lr_factor', 'moleflow/trainer.py'),
+                                  'moleflow.trainer.noise_strength': ('continual_trainer.html#noise_strength', 'moleflow/trainer.py'),
                                   'moleflow.trainer.task_epochs': ('continual_trainer.html#task_epochs', 'moleflow/trainer.py')}}}

@@ -29,6 +29,8 @@ CHOICES = dict(          # each read from the module that implements it
     lora_scaling=_SCALINGS,
     router=(*PrototypeRouter.metrics, 'oracle'),   # 'oracle': the true task id instead of a router (the trainer's evaluation)
     score_aggregation=AGGREGATIONS,
+    train_noise_tasks=('all', 'experts'),          # read by trainer.noise_strength (notebook 03 imports this one)
+    train_noise_schedule=('constant', 'linear'),
 )
 
 ABLATIONS = dict(
@@ -117,6 +119,8 @@ class MoLEConfig:
     max_epochs: int = 100           # ... but at most this many epochs (see trainer.task_epochs)
     expert_lr_factor: float = 1.0   # learning rate of the tasks after the first: lr * expert_lr_factor
     train_noise: float = 0.0        # > 0: Gaussian noise of this many per-channel standard deviations added to training features
+    train_noise_tasks: str = 'all'  # which tasks get it: 'all', or 'experts' (tasks after the first; task 0 trains clean)
+    train_noise_schedule: str = 'constant'  # 'constant', or 'linear': fading to 0 over each task's steps (trainer.noise_strength)
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4

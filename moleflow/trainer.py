@@ -14,7 +14,8 @@ from .losses import patch_nll, tail_aware_loss, mean_nll, focal_nll, center_loss
 from .router import PrototypeRouter
 
 # %% auto #0
-__all__ = ['flow_loss', 'lr_factor', 'NonFiniteLossError', 'build_flow', 'context_record', 'ContinualTrainer', 'task_epochs']
+__all__ = ['flow_loss', 'lr_factor', 'NonFiniteLossError', 'build_flow', 'context_record', 'ContinualTrainer', 'task_epochs',
+           'noise_strength']
 
 # %% ../nbs/03_continual_trainer.ipynb #821373e8
 def flow_loss(z, logdet, cfg: MoLEConfig, generator: torch.Generator|None = None):
@@ -97,6 +98,12 @@ def task_epochs(cfg: MoLEConfig, n_samples: int, task: int) -> int:
     if task == 0 or cfg.expert_min_steps <= 0: return cfg.epochs
     return max(cfg.epochs, min(cfg.max_epochs, math.ceil(cfg.expert_min_steps / n_batches)))
 
+# %% ../nbs/03_continual_trainer.ipynb #ff0f5e6c
+def noise_strength(cfg: MoLEConfig, task: int, step: int, total: int) -> float:
+    "Training noise of `task` at `step` of `total`, in per-channel standard deviations of its features: `train_noise` on the tasks `train_noise_tasks` names, constant or decaying linearly to 0 over the task's steps (`train_noise_schedule`)."
+    if cfg.train_noise <= 0 or (cfg.train_noise_tasks == 'experts' and task == 0): return 0.0
+    return cfg.train_noise * (1 - step / total if cfg.train_noise_schedule == 'linear' else 1.0)
+
 # %% ../nbs/03_continual_trainer.ipynb #d4451ac4
 @patch
 def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_name: str = '', on_epoch_end=None):
@@ -116,7 +123,7 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
     total, warmup = epochs * n_batches, (cfg.warmup_epochs * n_batches if t > 0 else 0)
     slow_from = epochs - math.ceil(cfg.slow_stage_fraction * epochs) if (t > 0 and cfg.slow_stage_fraction > 0) else None
     records, step = [], 0
-    noise_scale = feats.flatten(0, 2).std(0) if cfg.train_noise > 0 else None   # per-channel spread of the task's features
+    noise_scale = feats.flatten(0, 2).std(0) if noise_strength(cfg, t, 0, 1) > 0 else None   # per-channel spread of the task's features
     self.flow.train()
     bar = tqdm(range(epochs), desc=f'task {t} {task_name}'.strip(), disable=not self.progress, leave=False)
     for epoch in bar:
@@ -128,10 +135,10 @@ def train_task(self: ContinualTrainer, feats: torch.Tensor, classes=None, task_n
         order = torch.randperm(len(feats), generator=gen)
         sums, nonfinite, t0 = {}, 0, time.time()
         for b in range(n_batches):
-            f = lr_factor(step, total, warmup); step += 1
+            f, sigma = lr_factor(step, total, warmup), noise_strength(cfg, t, step, total); step += 1
             for g in opt.param_groups: g['lr'] = g.setdefault('base_lr', lr) * f
             x = feats[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
-            if cfg.train_noise > 0: x = x + cfg.train_noise * noise_scale * torch.randn(x.shape, generator=gen)
+            if sigma > 0: x = x + sigma * noise_scale * torch.randn(x.shape, generator=gen)
             z, logdet = self.flow(x, task=t)
             loss, parts = flow_loss(z, logdet, cfg, generator=gen)
             opt.zero_grad(set_to_none=True)
