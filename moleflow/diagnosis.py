@@ -327,11 +327,12 @@ def _settings(config:dict) -> dict:
     return {k: config.get(k, PRE_FIELD_VALUES.get(k, v)) for k, v in asdict(MoLEConfig()).items() if k not in ('seed', 'cache_dir')}
 
 def base_arm(runs:list[dict], arm:str) -> str|None:
-    "The arm whose settings equal `arm`'s with its overridden fields at `main`'s values: what its overrides changed; None if not run."
+    "The arm whose settings equal `arm`'s with its overridden fields at `main`'s values (at their earlier defaults if `main` holds `arm`'s values now): what its overrides changed; None if not run."
     main_cfg, by_arm = asdict(make_config('main')), {}
     for r in runs: by_arm.setdefault(r['arm'], (_settings(r['config']), r.get('overrides', {})))
     mine, over = by_arm[arm]
     want = {**mine, **{k: main_cfg[k] for k in over}}
+    if want == mine: want = {**mine, **{k: PRE_FIELD_VALUES.get(k, main_cfg[k]) for k in over}}   # main adopted them since
     return next((a for a, (s, _) in by_arm.items() if a != arm and s == want), None)
 
 # %% ../nbs/09d_accuracy.ipynb #9059df39
