@@ -118,9 +118,9 @@ class MoLEConfig:
     expert_min_steps: int = 0       # > 0: a task after the first trains at least this many optimizer steps ...
     max_epochs: int = 100           # ... but at most this many epochs (see trainer.task_epochs)
     expert_lr_factor: float = 1.0   # learning rate of the tasks after the first: lr * expert_lr_factor
-    train_noise: float = 0.0        # > 0: Gaussian noise of this many per-channel standard deviations added to training features
-    train_noise_tasks: str = 'all'  # which tasks get it: 'all', or 'experts' (tasks after the first; task 0 trains clean)
-    train_noise_schedule: str = 'constant'  # 'constant', or 'linear': fading to 0 over each task's steps (trainer.noise_strength)
+    train_noise: float = 0.2        # Gaussian noise of this many per-channel standard deviations added to training features (0: none)
+    train_noise_tasks: str = 'experts'  # which tasks get it: 'all', or 'experts' (tasks after the first; task 0 trains clean)
+    train_noise_schedule: str = 'linear'  # 'constant', or 'linear': fading to 0 over each task's steps (trainer.noise_strength)
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -235,7 +235,7 @@ def _type_name(hint) -> str:
 
 # %% ../nbs/08_config.ipynb #308f271c
 _EARLY = dict(tail_weight=0.0, logdet_reg=0.0, score_aggregation='max', score_param=None,   # before main's loss and score,
-              expert_rank=0, moment_density=False)                                         # its later-task experts and moments
+              expert_rank=0, moment_density=False, train_noise=0.0)                        # its later-task experts, moments, training noise
 _V1 = dict(_EARLY, subnet_type='mlp', adapter='instance_norm', task0_expert=False, lora_scaling='alpha/(2*rank)')
 _V2 = dict(_V1, task0_expert=True, lora_scaling='alpha/rank')
 _V3 = dict(_V2, adapter='film')
@@ -258,7 +258,7 @@ PRESETS: dict[str, dict] = {
     'paper': dict(backbone='wide_resnet50_2', feature_dim=768, num_coupling_layers=6, dia_blocks=2, epochs=60, lr=3e-4,
                   lora_rank=64, lora_alpha=64.0, batch_size=16, adapter='whitening', tail_weight=0.7, tail_top_k_ratio=0.02,
                   score_aggregation='top_k', score_param=3, logdet_reg=1e-4, context_kernel=5, expert_rank=0,
-                  moment_density=False),
+                  moment_density=False, train_noise=0.0),
 }
 VERSIONS = ('v1', 'v2', 'v3', 'v4', 'v4.1', 'v5', 'v6', 'v7', 'baseline_1.5', 'baseline_2.0', 'main')
 
@@ -323,7 +323,8 @@ def save_config(cfg: MoLEConfig, path):
     atomic_write_text(path, text)
 
 # a field whose default changed after it was added: a config saved before the field existed ran at this value
-PRE_FIELD_VALUES = {'expert_rank': 0, 'moment_density': False}
+PRE_FIELD_VALUES = {'expert_rank': 0, 'moment_density': False, 'train_noise': 0.0, 'train_noise_tasks': 'all',
+                    'train_noise_schedule': 'constant'}
 
 def load_config(path, saved:bool=False) -> MoLEConfig:
     "Load a config written by hand (a missing key takes its default) or, `saved=True`, by `save_config` (a missing key predates its field: `PRE_FIELD_VALUES`), checking keys and types."

@@ -326,14 +326,24 @@ def _settings(config:dict) -> dict:
     "A run's config over the current fields (one added since takes the value the code had before it, one removed since is dropped), without `seed` and `cache_dir`."
     return {k: config.get(k, PRE_FIELD_VALUES.get(k, v)) for k, v in asdict(MoLEConfig()).items() if k not in ('seed', 'cache_dir')}
 
+def _once_main(record:dict) -> bool:
+    "Whether a run record is, or was before a relabelling (`renamed`), a run of `main`."
+    ren = {'from_arm': record['arm'], 'before': record.get('renamed')}
+    while ren:
+        if ren['from_arm'] == 'main': return True
+        ren = ren.get('before')
+    return False
+
 def base_arm(runs:list[dict], arm:str) -> str|None:
-    "The arm whose settings equal `arm`'s with its overridden fields at `main`'s values (at their earlier defaults if `main` holds `arm`'s values now): what its overrides changed; None if not run."
-    main_cfg, by_arm = asdict(make_config('main')), {}
-    for r in runs: by_arm.setdefault(r['arm'], (_settings(r['config']), r.get('overrides', {})))
+    "The arm whose settings equal `arm`'s with its overridden fields at `main`'s values or at their earlier defaults, one that is or was `main` first: what its overrides changed; None if not run."
+    main_cfg, by_arm, mains = asdict(make_config('main')), {}, set()
+    for r in runs:
+        by_arm.setdefault(r['arm'], (_settings(r['config']), r.get('overrides', {})))
+        if _once_main(r): mains.add(r['arm'])
     mine, over = by_arm[arm]
-    want = {**mine, **{k: main_cfg[k] for k in over}}
-    if want == mine: want = {**mine, **{k: PRE_FIELD_VALUES.get(k, main_cfg[k]) for k in over}}   # main adopted them since
-    return next((a for a, (s, _) in by_arm.items() if a != arm and s == want), None)
+    wants = [{**mine, **{k: values.get(k, main_cfg[k]) for k in over}} for values in (main_cfg, PRE_FIELD_VALUES)]
+    hits = [a for want in wants for a, (s, _) in by_arm.items() if a != arm and s == want]
+    return next((a for a in hits if a in mains), hits[0] if hits else None)
 
 # %% ../nbs/09d_accuracy.ipynb #9059df39
 def parse_arm(text:str) -> tuple[str, dict]:
